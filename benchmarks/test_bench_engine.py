@@ -1,0 +1,229 @@
+"""The engine's tick at 10,000 pumps, and the memory of that engine.
+
+One round is one :meth:`Engine.tick` of an engine with 125 stations of 80
+pumps (10,000 pumps; a station image holds at most 90): the gate's ramps,
+every image's applied values and status bits, the heartbeat and, once a
+second, every pump's target, setpoint age and outcome, plus the watchdog,
+plan and checkpoint checks. Two cases:
+
+- ``steady``: every pump at its target (the usual state);
+- ``ramping``: every pump ramping (the worst case: every image changes
+  and ramp progress is checkpointed).
+
+Beside each, in the same run, the baseline: a naive per-pump Python loop
+doing the same tick through the pure-Python reference gate
+(:mod:`calejo_core.reference.gate`) and writing each pump's registers with
+the reference codecs. ``extra_info`` records the resident memory of the
+process after the engine was built (``rss_mb``) and what building it added
+(``engine_rss_mb``). Run:
+
+    .venv/bin/pytest benchmarks/test_bench_engine.py --benchmark-only \
+        --benchmark-group-by=group
+
+Targets: tick <= 1 ms, resident memory <= 300 MB.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import math
+import struct
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import yaml
+from pytest_benchmark.fixture import BenchmarkFixture
+
+import calejo_core.reference.codecs as reference_codecs
+import calejo_core.reference.gate as reference_gate
+from calejo_server.config import load_config
+from calejo_server.engine import Engine, ManualClock, RequestContext, SetpointItem
+from calejo_server.storage import open_storage
+
+STATIONS = 125
+PUMPS_PER_STATION = 80
+TICK = 0.1
+ROUNDS = 1000
+NAIVE_ROUNDS = 20
+CTX = RequestContext(user="bench", source_address=None, protocol="CLI")
+RATES = {"steady": math.inf, "ramping": 0.001}
+
+
+def rss_mb() -> float:
+    """Resident memory of this process, in MB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return math.nan
+
+
+def stations(rate: float) -> list[dict[str, Any]]:
+    pump = {
+        "min_value": 20,
+        "max_value": 50,
+        "max_rate": rate,
+        "failsafe_value": 35,
+    }
+    return [
+        {
+            "station_id": f"s{s}",
+            "pumps": [{"pump_id": f"p{k}", **pump} for k in range(PUMPS_PER_STATION)],
+        }
+        for s in range(STATIONS)
+    ]
+
+
+class EngineRig:
+    """An engine on SQLite in its own event loop, driven by a manual clock."""
+
+    def __init__(self, tmp: Path, rate: float) -> None:
+        document = {
+            "server": {"data_dir": str(tmp)},
+            "engine": {"tick_interval": TICK, "watchdog_timeout": 7 * 86400},
+            "stations": stations(rate),
+        }
+        path = tmp / "calejo.yaml"
+        path.write_text(yaml.safe_dump(document), encoding="utf-8")
+        self.config = load_config(path, environ={})
+        self.clock = ManualClock(dt.datetime(2030, 1, 1, tzinfo=dt.UTC))
+        self.loop = asyncio.new_event_loop()
+        self.storage = open_storage(None, tmp)
+        self.engine = Engine(self.config, self.storage, clock=self.clock)
+
+    def start(self) -> None:
+        async def start() -> None:
+            await self.storage.open()
+            await self.engine.start()
+            items = [
+                SetpointItem(station.station_id, pump.pump_id, 40.0)
+                for station in self.config.stations
+                for pump in station.pumps
+            ]
+            await self.engine.set_setpoints(items, CTX)
+            for _ in range(3):
+                self.step()
+            await self.engine.flush()
+
+        self.loop.run_until_complete(start())
+
+    def step(self) -> None:
+        self.clock.advance(TICK)
+        self.engine.tick()
+
+    def close(self) -> None:
+        async def close() -> None:
+            await self.engine.stop()
+            await self.storage.close()
+
+        self.loop.run_until_complete(close())
+        self.loop.close()
+
+
+class NaiveTick:
+    """The same tick as a plain per-pump loop over the reference gate."""
+
+    def __init__(self, rate: float) -> None:
+        count = STATIONS * PUMPS_PER_STATION
+        limits = [
+            reference_gate.PumpLimits(20.0, 50.0, rate, 35.0, pump_id=f"p{k}")
+            for k in range(count)
+        ]
+        station_of = [k // PUMPS_PER_STATION for k in range(count)]
+        self.gate = reference_gate.Gate(limits, station_of, 0.0)
+        self.images = [
+            reference_codecs.StationImage(PUMPS_PER_STATION) for _ in range(STATIONS)
+        ]
+        self.now = 0.0
+        for pump in range(count):
+            self.gate.request(pump, 40.0, self.now)
+        for _ in range(3):
+            self.step()
+
+    def step(self) -> None:
+        self.now += TICK
+        self.gate.tick(self.now)
+        applied = self.gate.applied
+        status = self.gate.status
+        heartbeat = int(self.now) % 65536
+        for station, image in enumerate(self.images):
+            registers = image.registers
+            registers[0] = heartbeat
+            first = station * PUMPS_PER_STATION
+            for k in range(PUMPS_PER_STATION):
+                value = float(applied[first + k])
+                base = 100 + 10 * k
+                registers[base] = round(value * 10)
+                high, low = struct.unpack(">HH", struct.pack(">f", value))
+                registers[base + 1] = high
+                registers[base + 2] = low
+                registers[base + 3] = int(status[first + k])
+
+
+@pytest.fixture
+def make_rig(tmp_path: Path) -> Iterator[Callable[[str], EngineRig]]:
+    made: list[EngineRig] = []
+
+    def make(case: str) -> EngineRig:
+        rig = EngineRig(tmp_path, RATES[case])
+        made.append(rig)
+        rig.start()
+        return rig
+
+    yield make
+    for rig in made:
+        rig.close()
+
+
+def record(
+    benchmark: BenchmarkFixture, run: Callable[[], None], rounds: int, **info: Any
+) -> None:
+    benchmark.extra_info.update(info)
+    benchmark.pedantic(run, rounds=rounds, iterations=1, warmup_rounds=2)
+    stats = benchmark.stats
+    if stats is not None:
+        benchmark.extra_info["tick_ms_mean"] = round(stats.stats.mean * 1e3, 4)
+        benchmark.extra_info["tick_ms_max"] = round(stats.stats.max * 1e3, 4)
+
+
+@pytest.mark.parametrize("case", list(RATES))
+def test_engine_tick_10000_pumps(
+    benchmark: BenchmarkFixture, make_rig: Callable[[str], EngineRig], case: str
+) -> None:
+    benchmark.group = f"engine tick, 10,000 pumps, {case}"
+    before = rss_mb()
+    rig = make_rig(case)
+    after = rss_mb()
+
+    record(
+        benchmark,
+        rig.step,
+        ROUNDS,
+        pumps=rig.engine.gate.n_pumps,
+        rss_mb=round(after, 1),
+        engine_rss_mb=round(after - before, 1),
+    )
+
+    applied = rig.engine.gate.applied
+    assert rig.engine.gate.n_pumps == STATIONS * PUMPS_PER_STATION
+    if case == "steady":
+        assert np.all(applied == 40.0)
+    else:
+        assert np.all((applied > 20.0) & (applied < 21.0))
+    assert rig.engine.images[1].registers[100] == round(applied[0] * 10)
+
+
+@pytest.mark.parametrize("case", list(RATES))
+def test_naive_reference_tick_10000_pumps(
+    benchmark: BenchmarkFixture, case: str
+) -> None:
+    """Fewer rounds: each takes tens of milliseconds."""
+    benchmark.group = f"engine tick, 10,000 pumps, {case}"
+    naive = NaiveTick(RATES[case])
+
+    record(benchmark, naive.step, NAIVE_ROUNDS, pumps=STATIONS * PUMPS_PER_STATION)
+
+    assert naive.images[0].registers[100] == round(float(naive.gate.applied[0]) * 10)

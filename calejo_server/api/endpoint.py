@@ -1,0 +1,358 @@
+"""How an endpoint is declared, and the steps every request goes through.
+
+An :class:`Endpoint` states its method and path, who may call it, the
+schemas of its query, body and answer, and the handler. From that one
+declaration come the route, the checks before the handler runs (token,
+permission, media type, JSON, schema) and the endpoint's entry in the
+OpenAPI document. A request is checked in this order, so that nothing is
+revealed to a caller who may not call the endpoint: token (401, 429),
+password change pending and permission (403), query (422), media type
+(415), JSON (400), body schema (422).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+import orjson
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from calejo_server.api.errors import ApiError, JSONAnswer
+from calejo_server.api.schemas import Schema, ValidationError
+from calejo_server.engine.views import RequestContext
+from calejo_server.security import Principal
+from calejo_server.security.throttle import retry_after_header
+
+if TYPE_CHECKING:
+    from calejo_server.api.health import HealthRegistry
+    from calejo_server.config import Config
+    from calejo_server.engine import Engine
+    from calejo_server.metrics import Metrics
+    from calejo_server.security import Security
+    from calejo_server.storage.base import Storage
+
+PREFIX = "/api/v1"
+TOKEN = "authenticated"
+"""Access of an endpoint open to any valid token (no permission needed)."""
+PROTOCOL = "REST"
+MAX_TOKEN_HEADER = 512
+
+Handler = Callable[["Call"], Awaitable[Response]]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Param:
+    """A query or path parameter."""
+
+    name: str
+    schema: Schema
+    description: str
+    required: bool = False
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Endpoint:
+    """One operation of the API.
+
+    ``access`` is None (anyone), :data:`TOKEN` (any valid token) or the
+    permission the caller's role must grant. ``errors`` lists the error
+    statuses the handler itself may answer; those that come from the
+    declaration (401/403/429 for a token, 400/413/415/422 for a body,
+    422 for query parameters, 404 for path parameters) are added.
+    Error answers are ``{"error", "detail"}`` unless ``answers`` gives a
+    status its own schema.
+    """
+
+    method: str
+    path: str
+    handler: Handler
+    summary: str
+    tag: str
+    access: str | None
+    answer: Schema | None = None
+    status: int = 200
+    body: Schema | None = None
+    query: tuple[Param, ...] = ()
+    path_params: tuple[Param, ...] = ()
+    errors: tuple[int, ...] = ()
+    answers: tuple[tuple[int, Schema], ...] = ()
+    description: str = ""
+    during_password_change: bool = False
+    media_type: str = "application/json"
+    operation_id: str = ""
+
+    @property
+    def full_path(self) -> str:
+        return PREFIX + self.path
+
+    def error_statuses(self) -> list[int]:
+        statuses = set(self.errors)
+        if self.access is not None:
+            statuses.update((401, 403, 429))
+        if self.body is not None:
+            statuses.update((400, 413, 415, 422))
+        if self.query:
+            statuses.add(422)
+        if self.path_params:
+            statuses.add(404)
+        return sorted(statuses)
+
+
+@dataclasses.dataclass(slots=True)
+class Services:
+    """What the handlers work with."""
+
+    engine: Engine
+    security: Security
+    storage: Storage
+    metrics: Metrics
+    health: HealthRegistry
+    config: Config | None
+    max_body_bytes: int
+    started_at: dt.datetime
+    started: float = dataclasses.field(default_factory=time.monotonic)
+    openapi: bytes = b""
+
+
+@dataclasses.dataclass(slots=True)
+class Call:
+    """One request, checked: who asks, the query and the body."""
+
+    request: Request
+    services: Services
+    principal: Principal | None
+    query: dict[str, Any]
+    body: Any
+
+    @property
+    def source(self) -> str | None:
+        return _source(self.request)
+
+    @property
+    def ctx(self) -> RequestContext:
+        user = self.principal.username if self.principal is not None else None
+        return RequestContext(user=user, source_address=self.source, protocol=PROTOCOL)
+
+    def path(self, name: str) -> str:
+        value = self.request.path_params[name]
+        return value if isinstance(value, str) else str(value)
+
+
+def answer(
+    content: Any, status: int = 200, headers: dict[str, str] | None = None
+) -> Response:
+    """A JSON answer."""
+    return JSONAnswer(content, status, headers)
+
+
+def build_routes(endpoints: Sequence[Endpoint], services: Services) -> list[Route]:
+    """One route per path, dispatching on the method (so 405 lists them all)."""
+    by_path: dict[str, dict[str, Endpoint]] = {}
+    for endpoint in endpoints:
+        methods = by_path.setdefault(endpoint.full_path, {})
+        if endpoint.method in methods:
+            raise ValueError(
+                f"two endpoints for {endpoint.method} {endpoint.full_path}"
+            )
+        methods[endpoint.method] = endpoint
+
+    return [
+        Route(path, _dispatcher(methods, services), methods=list(methods))
+        for path, methods in by_path.items()
+    ]
+
+
+def _dispatcher(
+    methods: dict[str, Endpoint], services: Services
+) -> Callable[[Request], Awaitable[Response]]:
+    runners = {
+        method: _runner(endpoint, services) for method, endpoint in methods.items()
+    }
+    if "GET" in runners:
+        runners.setdefault("HEAD", runners["GET"])
+
+    async def dispatch(request: Request) -> Response:
+        return await runners[request.method](request)
+
+    return dispatch
+
+
+def _runner(
+    endpoint: Endpoint, services: Services
+) -> Callable[[Request], Awaitable[Response]]:
+    query = {param.name: param for param in endpoint.query}
+
+    async def run(request: Request) -> Response:
+        principal = None
+        if endpoint.access is not None:
+            principal = await _authorize(request, endpoint, services)
+
+        values = _query(request, query)
+        body = None
+        if endpoint.body is not None:
+            body = endpoint.body.check(await _json(request), "")
+
+        return await endpoint.handler(Call(request, services, principal, values, body))
+
+    return run
+
+
+async def _authorize(
+    request: Request, endpoint: Endpoint, services: Services
+) -> Principal:
+    security = services.security
+    header = request.headers.get("authorization")
+    token = _bearer(header)
+    principal = security.authenticate(token) if token else None
+    source = _source(request)
+
+    if principal is None:
+        retry = security.retry_after(source)
+        if retry is not None:
+            raise ApiError(
+                429,
+                "too_many_requests",
+                f"too many failed authentications from {source}; try again in "
+                f"{retry_after_header(retry)} s",
+                {"Retry-After": retry_after_header(retry)},
+            )
+
+        if header is None:
+            reason = "no bearer token"
+        elif token is None:
+            reason = "malformed Authorization header"
+        else:
+            reason = "unknown, expired or revoked token"
+        await security.deny(
+            status=401,
+            reason=reason,
+            principal=None,
+            source=source,
+            protocol=PROTOCOL,
+            method=request.method,
+            path=request.url.path,
+        )
+        raise ApiError(
+            401,
+            "unauthorized",
+            f"{reason}: expected 'Authorization: Bearer <token>' from POST "
+            f"{PREFIX}/auth/login",
+            {"WWW-Authenticate": 'Bearer realm="calejo"'},
+        )
+
+    if principal.must_change_password and not endpoint.during_password_change:
+        await security.deny(
+            status=403,
+            reason="password change required",
+            principal=principal,
+            source=source,
+            protocol=PROTOCOL,
+            method=request.method,
+            path=request.url.path,
+        )
+        raise ApiError(
+            403,
+            "password_change_required",
+            f"user {principal.username!r} must change the password first: "
+            f"POST {PREFIX}/auth/change-password",
+        )
+
+    if endpoint.access != TOKEN and not principal.can(endpoint.access or ""):
+        await security.deny(
+            status=403,
+            reason="permission missing",
+            principal=principal,
+            source=source,
+            protocol=PROTOCOL,
+            method=request.method,
+            path=request.url.path,
+            permission=endpoint.access,
+        )
+        raise ApiError(
+            403,
+            "forbidden",
+            f"permission {endpoint.access!r} required; role {principal.role!r} "
+            "does not grant it",
+        )
+    return principal
+
+
+def _bearer(header: str | None) -> str | None:
+    if header is None or len(header) > MAX_TOKEN_HEADER:
+        return None
+
+    scheme, _, token = header.strip().partition(" ")
+    token = token.strip()
+    if scheme.lower() != "bearer" or not token or " " in token:
+        return None
+    return token
+
+
+def _source(request: Request) -> str | None:
+    client = request.client
+    return client.host if client is not None else None
+
+
+def _query(request: Request, params: dict[str, Param]) -> dict[str, Any]:
+    values: dict[str, Any] = {}
+    for name, text in request.query_params.multi_items():
+        param = params.get(name)
+        if param is None:
+            known = ", ".join(params) or "none"
+            raise ApiError(
+                422,
+                "validation_error",
+                f"query parameter {name[:64]!r}: not known here; expected {known}",
+            )
+        if name in values:
+            raise ApiError(
+                422,
+                "validation_error",
+                f"query parameter {name!r}: given more than once",
+            )
+        try:
+            values[name] = param.schema.parse(text, name)
+        except ValidationError as exc:
+            raise ApiError(
+                422, "validation_error", f"query parameter {name!r}: {exc.message}"
+            ) from None
+
+    for name, param in params.items():
+        if param.required and name not in values:
+            raise ApiError(
+                422,
+                "validation_error",
+                f"query parameter {name!r}: required but missing",
+            )
+    return values
+
+
+async def _json(request: Request) -> Any:
+    content_type = request.headers.get("content-type")
+    media = (content_type or "").split(";", 1)[0].strip().lower()
+    if media != "application/json" and not (
+        media.startswith("application/") and media.endswith("+json")
+    ):
+        got = repr(content_type[:80]) if content_type else "none"
+        raise ApiError(
+            415,
+            "unsupported_media_type",
+            f"expected Content-Type application/json, got {got}",
+        )
+
+    body = await request.body()
+    if not body.strip():
+        raise ApiError(400, "invalid_json", "the body is empty: expected a JSON object")
+
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise ApiError(
+            400, "invalid_json", f"the body is not valid JSON: {exc}"
+        ) from None

@@ -1,0 +1,731 @@
+"""The embedded SQLite backend: one file, WAL, durable on commit.
+
+All writing happens on one thread with its own connection
+(``synchronous=FULL``, so a commit is on disk when it returns); reading on
+another, so neither blocks the event loop and reads do not wait for
+writes. Times are stored as ISO 8601 UTC text with microseconds, JSON
+documents as text.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import json
+import logging
+import os
+import sqlite3
+from collections.abc import AsyncIterator, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, TypeVar
+
+from calejo_server import audit
+from calejo_server.storage.base import (
+    AuditQuery,
+    AuditRecord,
+    AuditRow,
+    ChainVerdict,
+    EmergencyStopRecord,
+    PlanRecord,
+    Record,
+    RoleRecord,
+    SetpointRecord,
+    Snapshot,
+    StationRecord,
+    StationStateRecord,
+    StorageError,
+    TokenRecord,
+    UserRecord,
+    utcnow,
+)
+from calejo_server.storage.durable import (
+    BatchRejected,
+    DurableStorage,
+    Unavailable,
+    check_schema_version,
+    emergency_stop_scope,
+    load_migrations,
+)
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+PAGE_ROWS = 1000
+"""Audit rows read per step by audit_iter."""
+
+MAX_QUERY_ROWS = 10_000
+"""Most rows one audit_query returns."""
+
+_AUDIT_COLUMNS = (
+    "id, uid, timestamp, severity, event_type, user_name, source_address, "
+    "protocol, station_id, pump_id, old_value, new_value, outcome, details, "
+    "prev_hash, hash"
+)
+
+_INSERT_AUDIT = (
+    f"INSERT INTO compliance_audit_log ({_AUDIT_COLUMNS}) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+
+_UPSERTS: dict[type[Any], str] = {
+    SetpointRecord: (
+        "INSERT INTO setpoints (station_id, pump_id, requested, target, applied, "
+        "outcome, source, user_name, at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) "
+        "ON CONFLICT (station_id, pump_id) DO UPDATE SET "
+        "requested = excluded.requested, target = excluded.target, "
+        "applied = excluded.applied, outcome = excluded.outcome, "
+        "source = excluded.source, user_name = excluded.user_name, at = excluded.at"
+    ),
+    PlanRecord: (
+        "INSERT INTO plans (plan_id, version, received_at, body, user_name) "
+        "VALUES (?, ?, ?, ?, ?) "
+        "ON CONFLICT (plan_id) DO UPDATE SET version = excluded.version, "
+        "received_at = excluded.received_at, body = excluded.body, "
+        "user_name = excluded.user_name WHERE excluded.version >= plans.version"
+    ),
+    EmergencyStopRecord: (
+        "INSERT INTO emergency_stops (level, scope, station_id, pump_id, active, "
+        "reason, operator, at, since) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) "
+        "ON CONFLICT (level, scope) DO UPDATE SET station_id = excluded.station_id, "
+        "pump_id = excluded.pump_id, active = excluded.active, "
+        "reason = excluded.reason, operator = excluded.operator, "
+        "at = excluded.at, since = excluded.since"
+    ),
+    StationStateRecord: (
+        "INSERT INTO station_states (station_id, last_fresh_at, failsafe) "
+        "VALUES (?, ?, ?) ON CONFLICT (station_id) DO UPDATE SET "
+        "last_fresh_at = excluded.last_fresh_at, failsafe = excluded.failsafe"
+    ),
+    StationRecord: (
+        "INSERT INTO stations (station_id, definition) VALUES (?, ?) "
+        "ON CONFLICT (station_id) DO UPDATE SET definition = excluded.definition"
+    ),
+    UserRecord: (
+        "INSERT INTO users (user_id, username, email, role, password_hash, active, "
+        "must_change_password, failed_logins, locked_until, created_at, updated_at) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+        "ON CONFLICT (user_id) DO UPDATE SET username = excluded.username, "
+        "email = excluded.email, role = excluded.role, "
+        "password_hash = excluded.password_hash, active = excluded.active, "
+        "must_change_password = excluded.must_change_password, "
+        "failed_logins = excluded.failed_logins, "
+        "locked_until = excluded.locked_until, created_at = excluded.created_at, "
+        "updated_at = excluded.updated_at"
+    ),
+    RoleRecord: (
+        "INSERT INTO roles (role, permissions) VALUES (?, ?) "
+        "ON CONFLICT (role) DO UPDATE SET permissions = excluded.permissions"
+    ),
+    TokenRecord: (
+        "INSERT INTO tokens (token_hash, user_id, created_at, expires_at, revoked) "
+        "VALUES (?, ?, ?, ?, ?) ON CONFLICT (token_hash) DO UPDATE SET "
+        "user_id = excluded.user_id, created_at = excluded.created_at, "
+        "expires_at = excluded.expires_at, revoked = excluded.revoked"
+    ),
+}
+
+_REJECTED_ERRORS = (
+    sqlite3.IntegrityError,
+    sqlite3.DataError,
+    sqlite3.ProgrammingError,
+    sqlite3.InterfaceError,
+    ValueError,
+    TypeError,
+    OverflowError,
+)
+
+
+def _text_time(moment: dt.datetime) -> str:
+    return moment.isoformat(timespec="microseconds")
+
+
+def _text_time_or_none(moment: dt.datetime | None) -> str | None:
+    return None if moment is None else moment.isoformat(timespec="microseconds")
+
+
+def _time(text: str) -> dt.datetime:
+    return dt.datetime.fromisoformat(text)
+
+
+def _time_or_none(text: str | None) -> dt.datetime | None:
+    return None if text is None else dt.datetime.fromisoformat(text)
+
+
+def _json_text(value: object) -> str:
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+
+
+def _state_row(record: Record) -> tuple[Any, ...]:
+    """The upsert parameters of one state record."""
+    if isinstance(record, SetpointRecord):
+        return (
+            record.station_id,
+            record.pump_id,
+            record.requested,
+            record.target,
+            record.applied,
+            record.outcome,
+            record.source,
+            record.user,
+            _text_time(record.at),
+        )
+    if isinstance(record, StationStateRecord):
+        return (
+            record.station_id,
+            _text_time_or_none(record.last_fresh_at),
+            int(record.failsafe),
+        )
+    if isinstance(record, EmergencyStopRecord):
+        return (
+            record.level,
+            emergency_stop_scope(record),
+            record.station_id,
+            record.pump_id,
+            int(record.active),
+            record.reason,
+            record.operator,
+            _text_time(record.at),
+            _text_time_or_none(record.since),
+        )
+    if isinstance(record, PlanRecord):
+        return (
+            record.plan_id,
+            record.version,
+            _text_time(record.received_at),
+            _json_text(record.body),
+            record.user,
+        )
+    if isinstance(record, StationRecord):
+        return (record.station_id, _json_text(record.definition))
+    if isinstance(record, UserRecord):
+        return (
+            record.user_id,
+            record.username,
+            record.email,
+            record.role,
+            record.password_hash,
+            int(record.active),
+            int(record.must_change_password),
+            record.failed_logins,
+            _text_time_or_none(record.locked_until),
+            _text_time(record.created_at),
+            _text_time(record.updated_at),
+        )
+    if isinstance(record, RoleRecord):
+        return (record.role, _json_text(list(record.permissions)))
+    if isinstance(record, TokenRecord):
+        return (
+            record.token_hash,
+            record.user_id,
+            _text_time(record.created_at),
+            _text_time(record.expires_at),
+            int(record.revoked),
+        )
+    raise TypeError(f"expected a state record, got {type(record).__name__}")
+
+
+def _audit_row(row: Sequence[Any]) -> AuditRow:
+    record = AuditRecord(
+        uid=row[1],
+        timestamp=_time(row[2]),
+        severity=row[3],
+        event_type=row[4],
+        user=row[5],
+        source_address=row[6],
+        protocol=row[7],
+        station_id=row[8],
+        pump_id=row[9],
+        old_value=row[10],
+        new_value=row[11],
+        outcome=row[12],
+        details=json.loads(row[13]),
+    )
+    return AuditRow(id=row[0], record=record, prev_hash=row[14], hash=row[15])
+
+
+def split_script(script: str) -> list[str]:
+    """The statements of an SQL script (triggers with their inner ``;`` whole)."""
+    statements: list[str] = []
+    buffer = ""
+    for line in script.splitlines(keepends=True):
+        buffer += line
+        if sqlite3.complete_statement(buffer):
+            statements.append(buffer.strip())
+            buffer = ""
+    return statements
+
+
+class SQLiteStorage(DurableStorage):
+    """Storage in one SQLite file; see the module."""
+
+    backend = "sqlite"
+
+    def __init__(
+        self,
+        path: Path,
+        data_dir: Path,
+        *,
+        busy_timeout: float = 5.0,
+        retry_first: float = 0.5,
+        retry_max: float = 10.0,
+    ) -> None:
+        super().__init__(data_dir, retry_first=retry_first, retry_max=retry_max)
+        self.path = Path(path)
+        self._busy_timeout = busy_timeout
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix="calejo-sqlite-writer")
+        self._reader = ThreadPoolExecutor(1, thread_name_prefix="calejo-sqlite-reader")
+        self._wcon: sqlite3.Connection | None = None
+        self._rcon: sqlite3.Connection | None = None
+
+    def where(self) -> str:
+        return f"sqlite at {self.path}"
+
+    # -- connections (each used only on its own thread)
+
+    async def _connect(self) -> None:
+        try:
+            await self._in_writer(self._connect_writer)
+            await self._in_reader(self._connect_reader)
+        except sqlite3.Error as exc:
+            raise StorageError(
+                f"{self.where()}: cannot open the database ({exc})"
+            ) from exc
+        except OSError as exc:
+            raise StorageError(
+                f"{self.where()}: cannot create the file ({exc})"
+            ) from exc
+
+    async def _disconnect(self) -> None:
+        for executor, name in ((self._writer, "_wcon"), (self._reader, "_rcon")):
+            # RuntimeError: the executor was shut down by an earlier call.
+            with contextlib.suppress(RuntimeError):
+                await asyncio.get_running_loop().run_in_executor(
+                    executor, self._close_connection, name
+                )
+            executor.shutdown(wait=True)
+
+    def _close_connection(self, name: str) -> None:
+        con = getattr(self, name)
+        setattr(self, name, None)
+        if con is None:
+            return
+        try:
+            con.close()
+        except sqlite3.Error as exc:
+            logger.warning("%s: closing a connection failed: %s", self.where(), exc)
+
+    def _open_connection(self) -> sqlite3.Connection:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if not self.path.exists():
+            os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o600))
+        con = sqlite3.connect(
+            self.path,
+            timeout=self._busy_timeout,
+            isolation_level=None,
+            check_same_thread=False,
+        )
+        try:
+            mode = con.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            if str(mode).lower() != "wal":
+                raise StorageError(
+                    f"{self.where()}: expected journal mode wal, got {mode!r}"
+                )
+            con.execute("PRAGMA synchronous = FULL")
+        except BaseException:
+            con.close()
+            raise
+        return con
+
+    def _connect_writer(self) -> None:
+        con = self._open_connection()
+        try:
+            self._migrate(con)
+            self._prune_tokens(con)
+        except BaseException:
+            con.close()
+            raise
+        self._wcon = con
+
+    def _connect_reader(self) -> None:
+        con = self._open_connection()
+        con.execute("PRAGMA query_only = 1")
+        self._rcon = con
+
+    def _migrate(self, con: sqlite3.Connection) -> None:
+        con.execute(
+            "CREATE TABLE IF NOT EXISTS schema_migrations ("
+            "version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at TEXT NOT NULL)"
+        )
+        for migration in load_migrations(self.backend):
+            con.execute("BEGIN IMMEDIATE")
+            try:
+                current = con.execute(
+                    "SELECT coalesce(max(version), 0) FROM schema_migrations"
+                ).fetchone()[0]
+                check_schema_version(self.backend, self.where(), current)
+                if migration.version <= current:
+                    con.execute("ROLLBACK")
+                    continue
+                for statement in split_script(migration.sql):
+                    con.execute(statement)
+                con.execute(
+                    "INSERT INTO schema_migrations (version, name, applied_at) "
+                    "VALUES (?, ?, ?)",
+                    (migration.version, migration.name, _text_time(utcnow())),
+                )
+                con.execute("COMMIT")
+            except sqlite3.Error as exc:
+                con.execute("ROLLBACK")
+                raise StorageError(
+                    f"{self.where()}: migration {migration.version:04d}_"
+                    f"{migration.name} failed: {exc}"
+                ) from exc
+            except BaseException:
+                con.execute("ROLLBACK")
+                raise
+            logger.info(
+                "%s: applied migration %04d_%s",
+                self.where(),
+                migration.version,
+                migration.name,
+            )
+
+    def _prune_tokens(self, con: sqlite3.Connection) -> None:
+        con.execute("DELETE FROM tokens WHERE expires_at < ?", (_text_time(utcnow()),))
+
+    # -- writing (on the writer thread)
+
+    async def _commit(
+        self, batches: Sequence[Sequence[Record]], *, dedupe: bool
+    ) -> None:
+        await self._in_writer(self._commit_now, batches, dedupe)
+
+    def _commit_now(self, batches: Sequence[Sequence[Record]], dedupe: bool) -> None:
+        try:
+            if self._wcon is None:
+                self._connect_writer()
+            assert self._wcon is not None
+            con = self._wcon
+            con.execute("BEGIN IMMEDIATE")
+        except (sqlite3.Error, OSError, StorageError) as exc:
+            self._close_connection("_wcon")
+            raise Unavailable(str(exc)) from exc
+
+        try:
+            self._apply(con, batches, dedupe)
+            con.execute("COMMIT")
+        except _REJECTED_ERRORS as exc:
+            self._rollback(con)
+            raise BatchRejected(str(exc)) from exc
+        except sqlite3.Error as exc:
+            self._rollback(con)
+            self._close_connection("_wcon")
+            raise Unavailable(str(exc)) from exc
+        except BaseException:
+            self._rollback(con)
+            raise
+
+    def _rollback(self, con: sqlite3.Connection) -> None:
+        try:
+            if con.in_transaction:
+                con.execute("ROLLBACK")
+        except sqlite3.Error as exc:
+            logger.warning("%s: rollback failed: %s", self.where(), exc)
+
+    def _apply(
+        self, con: sqlite3.Connection, batches: Sequence[Sequence[Record]], dedupe: bool
+    ) -> None:
+        audits: list[AuditRecord] = []
+        states: dict[type[Any], list[tuple[Any, ...]]] = {}
+        for records in batches:
+            for record in records:
+                if type(record) is AuditRecord:
+                    audits.append(record)
+                else:
+                    states.setdefault(type(record), []).append(_state_row(record))
+
+        if audits:
+            if dedupe:
+                audits = self._unstored(con, audits)
+            self._append_audit(con, audits)
+        for cls, rows in states.items():
+            con.executemany(_UPSERTS[cls], rows)
+
+    def _unstored(
+        self, con: sqlite3.Connection, audits: list[AuditRecord]
+    ) -> list[AuditRecord]:
+        stored: set[str] = set()
+        uids = [record.uid for record in audits]
+        for start in range(0, len(uids), 500):
+            part = uids[start : start + 500]
+            marks = ", ".join("?" * len(part))
+            stored.update(
+                row[0]
+                for row in con.execute(
+                    f"SELECT uid FROM compliance_audit_log WHERE uid IN ({marks})", part
+                )
+            )
+        fresh: list[AuditRecord] = []
+        for record in audits:
+            if record.uid not in stored:
+                stored.add(record.uid)
+                fresh.append(record)
+        return fresh
+
+    def _append_audit(self, con: sqlite3.Connection, audits: list[AuditRecord]) -> None:
+        if not audits:
+            return
+        last_id, last_hash = con.execute(
+            "SELECT last_id, last_hash FROM audit_chain_head WHERE id = 1"
+        ).fetchone()
+        rows = []
+        for record in audits:
+            last_id += 1
+            digest = audit.chain_hash(last_hash, record)
+            rows.append(
+                (
+                    last_id,
+                    record.uid,
+                    _text_time(record.timestamp),
+                    record.severity,
+                    record.event_type,
+                    record.user,
+                    record.source_address,
+                    record.protocol,
+                    record.station_id,
+                    record.pump_id,
+                    record.old_value,
+                    record.new_value,
+                    record.outcome,
+                    _json_text(record.details),
+                    last_hash,
+                    digest,
+                )
+            )
+            last_hash = digest
+        con.executemany(_INSERT_AUDIT, rows)
+        con.execute(
+            "UPDATE audit_chain_head SET last_id = ?, last_hash = ? WHERE id = 1",
+            (last_id, last_hash),
+        )
+
+    # -- reading (on the reader thread)
+
+    async def load(self) -> Snapshot:
+        return await self._read(self._load_now)
+
+    def _load_now(self, con: sqlite3.Connection) -> Snapshot:
+        now = _text_time(utcnow())
+        con.execute("BEGIN")
+        try:
+            return Snapshot(
+                users=[
+                    UserRecord(
+                        user_id=r[0],
+                        username=r[1],
+                        email=r[2],
+                        role=r[3],
+                        password_hash=r[4],
+                        active=bool(r[5]),
+                        must_change_password=bool(r[6]),
+                        failed_logins=r[7],
+                        locked_until=_time_or_none(r[8]),
+                        created_at=_time(r[9]),
+                        updated_at=_time(r[10]),
+                    )
+                    for r in con.execute(
+                        "SELECT user_id, username, email, role, password_hash, active, "
+                        "must_change_password, failed_logins, locked_until, "
+                        "created_at, updated_at FROM users ORDER BY username, user_id"
+                    )
+                ],
+                roles=[
+                    RoleRecord(role=r[0], permissions=tuple(json.loads(r[1])))
+                    for r in con.execute(
+                        "SELECT role, permissions FROM roles ORDER BY role"
+                    )
+                ],
+                tokens=[
+                    TokenRecord(
+                        token_hash=r[0],
+                        user_id=r[1],
+                        created_at=_time(r[2]),
+                        expires_at=_time(r[3]),
+                        revoked=bool(r[4]),
+                    )
+                    for r in con.execute(
+                        "SELECT token_hash, user_id, created_at, expires_at, revoked "
+                        "FROM tokens WHERE revoked = 0 AND expires_at > ? "
+                        "ORDER BY created_at",
+                        (now,),
+                    )
+                ],
+                setpoints=[
+                    SetpointRecord(
+                        station_id=r[0],
+                        pump_id=r[1],
+                        requested=r[2],
+                        target=r[3],
+                        applied=r[4],
+                        outcome=r[5],
+                        source=r[6],
+                        user=r[7],
+                        at=_time(r[8]),
+                    )
+                    for r in con.execute(
+                        "SELECT station_id, pump_id, requested, target, applied, "
+                        "outcome, source, user_name, at FROM setpoints "
+                        "ORDER BY station_id, pump_id"
+                    )
+                ],
+                plans=[
+                    PlanRecord(
+                        plan_id=r[0],
+                        version=r[1],
+                        received_at=_time(r[2]),
+                        body=json.loads(r[3]),
+                        user=r[4],
+                    )
+                    for r in con.execute(
+                        "SELECT plan_id, version, received_at, body, user_name "
+                        "FROM plans ORDER BY received_at, plan_id"
+                    )
+                ],
+                emergency_stops=[
+                    EmergencyStopRecord(
+                        level=r[0],
+                        station_id=r[1],
+                        pump_id=r[2],
+                        active=bool(r[3]),
+                        reason=r[4],
+                        operator=r[5],
+                        at=_time(r[6]),
+                        since=_time_or_none(r[7]),
+                    )
+                    for r in con.execute(
+                        "SELECT level, station_id, pump_id, active, reason, operator, "
+                        "at, since FROM emergency_stops ORDER BY level, scope"
+                    )
+                ],
+                station_states=[
+                    StationStateRecord(
+                        station_id=r[0],
+                        last_fresh_at=_time_or_none(r[1]),
+                        failsafe=bool(r[2]),
+                    )
+                    for r in con.execute(
+                        "SELECT station_id, last_fresh_at, failsafe "
+                        "FROM station_states ORDER BY station_id"
+                    )
+                ],
+                stations=[
+                    StationRecord(station_id=r[0], definition=json.loads(r[1]))
+                    for r in con.execute(
+                        "SELECT station_id, definition FROM stations "
+                        "ORDER BY station_id"
+                    )
+                ],
+            )
+        finally:
+            con.execute("COMMIT")
+
+    async def audit_query(self, query: AuditQuery) -> list[AuditRow]:
+        sql, params = _audit_filter(query)
+        limit = max(1, min(query.limit, MAX_QUERY_ROWS))
+        return await self._read(self._select_audit, sql, [*params, limit])
+
+    def _select_audit(
+        self, con: sqlite3.Connection, where: str, params: list[Any]
+    ) -> list[AuditRow]:
+        cursor = con.execute(
+            f"SELECT {_AUDIT_COLUMNS} FROM compliance_audit_log WHERE {where} "
+            "ORDER BY id LIMIT ?",
+            params,
+        )
+        return [_audit_row(row) for row in cursor]
+
+    async def audit_iter(
+        self, since: dt.datetime | None = None
+    ) -> AsyncIterator[AuditRow]:
+        after = 0
+        while True:
+            query = AuditQuery(since=since, after_id=after, limit=PAGE_ROWS)
+            rows = await self.audit_query(query)
+            for row in rows:
+                yield row
+            if len(rows) < PAGE_ROWS:
+                return
+            after = rows[-1].id
+
+    async def audit_verify(self) -> ChainVerdict:
+        return await self._read(self._verify_now)
+
+    def _verify_now(self, con: sqlite3.Connection) -> ChainVerdict:
+        verifier = audit.ChainVerifier()
+        con.execute("BEGIN")
+        try:
+            head = con.execute(
+                "SELECT last_id, last_hash FROM audit_chain_head WHERE id = 1"
+            ).fetchone()
+            cursor = con.execute(
+                f"SELECT {_AUDIT_COLUMNS} FROM compliance_audit_log "
+                "WHERE id <= ? ORDER BY id",
+                (head[0],),
+            )
+            while True:
+                rows = cursor.fetchmany(PAGE_ROWS)
+                if not rows or not all(verifier.feed(_audit_row(r)) for r in rows):
+                    break
+        finally:
+            con.execute("COMMIT")
+        return verifier.finish((head[0], head[1]))
+
+    async def _read(self, func: Callable[..., T], *args: Any) -> T:
+        if self._phase != "open" or self._rcon is None:
+            raise StorageError(f"{self.where()}: storage is {self._phase_word()}")
+        con = self._rcon
+        try:
+            return await self._in_reader(func, con, *args)
+        except sqlite3.Error as exc:
+            self._note_error(exc)
+            raise StorageError(f"{self.where()}: read failed ({exc})") from exc
+
+    # -- threads
+
+    async def _in_writer(self, func: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(
+            self._writer, func, *args
+        )
+
+    async def _in_reader(self, func: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(
+            self._reader, func, *args
+        )
+
+
+def _audit_filter(query: AuditQuery) -> tuple[str, list[Any]]:
+    """The WHERE clause and its parameters for ``query`` (ISO text times)."""
+    clauses = ["id > ?"]
+    params: list[Any] = [query.after_id]
+    if query.severity is not None:
+        clauses.append("severity = ?")
+        params.append(query.severity)
+    if query.event_type is not None:
+        clauses.append("event_type = ?")
+        params.append(query.event_type)
+    if query.since is not None:
+        clauses.append("timestamp >= ?")
+        params.append(audit.iso_utc(query.since))
+    if query.until is not None:
+        clauses.append("timestamp <= ?")
+        params.append(audit.iso_utc(query.until))
+    if query.station_id is not None:
+        clauses.append("station_id = ?")
+        params.append(query.station_id)
+    if query.user is not None:
+        clauses.append("user_name = ?")
+        params.append(query.user)
+    return " AND ".join(clauses), params
