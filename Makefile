@@ -14,7 +14,7 @@ EXT_SOURCES := $(wildcard calejo_core/*.pyx calejo_core/*.pxd)
 PYTEST_ARGS ?=
 
 .PHONY: all venv build run test lint typecheck pytest test-debug bench fuzz \
-	dist clean
+	dist clean test-tools
 
 all: build
 
@@ -32,8 +32,15 @@ venv: $(STAMP)
 build: $(STAMP) $(EXT_SOURCES)
 	$(BIN)/python setup.py --quiet build_ext --inplace -j 2
 
+# Port 502 needs root: without it, Modbus TCP listens on 5020 unless
+# CALEJO_MODBUS_PORT says otherwise.
 run: build
-	$(BIN)/calejo serve
+	@if [ "$$(id -u)" != 0 ] && [ -z "$$CALEJO_MODBUS_PORT" ]; then \
+		echo "make run: not root, so Modbus TCP listens on port 5020" \
+			"(set CALEJO_MODBUS_PORT to choose)"; \
+		export CALEJO_MODBUS_PORT=5020; \
+	fi; \
+	exec $(BIN)/calejo serve
 
 lint: $(STAMP)
 	$(BIN)/ruff check calejo_core calejo_server tests benchmarks setup.py
@@ -42,8 +49,22 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
-pytest: build
+pytest: build test-tools
 	$(BIN)/pytest $(PYTEST_ARGS)
+
+# Programs the tests drive besides Python: mbpoll (a Modbus TCP client).
+# Installed with apt-get when running as root on Debian or Ubuntu; without
+# it the mbpoll test skips (and fails under CI=true).
+test-tools:
+	@if ! command -v mbpoll >/dev/null 2>&1; then \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+			apt-get install -y -q mbpoll >/dev/null 2>&1 || \
+			{ apt-get update -q >/dev/null && apt-get install -y -q mbpoll; } || \
+			echo "test-tools: could not install mbpoll"; \
+		else \
+			echo "test-tools: mbpoll not found (apt-get install mbpoll)"; \
+		fi; \
+	fi
 
 # The core's tests again, against a debug build (bounds checks, line
 # tracing, no optimisation) made in a copy of the tree.

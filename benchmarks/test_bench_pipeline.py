@@ -19,6 +19,14 @@ that is 11,112 images (about 70 MB). The reference is skipped at
 take seconds. ``extra_info["ns_per_pump"]`` is the fastest round divided
 by the number of pumps. The encode step is also measured alone, at
 10,000 pumps, so the share of each step is visible.
+
+The single-setpoint path is measured too: one ``gate.request(pump, value,
+now)`` per call, as the engine makes for each setpoint that arrives, beside
+the same call on the reference; ``extra_info["ns_per_call"]`` is its
+fastest round. pytest-benchmark's own loop adds a few tens of nanoseconds to
+every call it times, so the group also holds the floor: the same loop
+calling ``dict.get`` with three arguments, a C call that does next to
+nothing.
 """
 
 from __future__ import annotations
@@ -124,3 +132,30 @@ def test_encode_step(benchmark: BenchmarkFixture, implementation: str) -> None:
         benchmark.stats.stats.min * 1e9 / n_pumps, 2
     )
     assert images.images[0].registers[codecs_module.PUMP_BASE] == 420
+
+
+@pytest.mark.parametrize("implementation", list(IMPLEMENTATIONS))
+def test_gate_one_pump(benchmark: BenchmarkFixture, implementation: str) -> None:
+    gate_module, _ = IMPLEMENTATIONS[implementation]
+    limits = gate_module.PumpLimits(MIN_VALUE, MAX_VALUE, MAX_RATE, FAILSAFE_VALUE)
+    the_gate = gate_module.Gate([limits, limits], None, 0.0)
+
+    benchmark.group = "gate, one pump per call"
+    outcome = benchmark(the_gate.request, 1, 42.5, 1.0)
+
+    assert benchmark.stats is not None
+    benchmark.extra_info["ns_per_call"] = round(benchmark.stats.stats.min * 1e9, 2)
+    assert outcome == gate_module.ACCEPTED
+    assert list(the_gate.target) == [0.0, 42.5]
+    assert list(the_gate.applied) == [0.0, 0.0]
+
+
+def test_gate_one_pump_call_floor(benchmark: BenchmarkFixture) -> None:
+    empty: dict[int, float] = {}
+
+    benchmark.group = "gate, one pump per call"
+    found = benchmark(dict.get, empty, 1, 42.5)
+
+    assert benchmark.stats is not None
+    benchmark.extra_info["ns_per_call"] = round(benchmark.stats.stats.min * 1e9, 2)
+    assert found == 42.5

@@ -2,8 +2,8 @@
 
 :class:`Adapter` composes the parts in the order they depend on each
 other and stops them in reverse: storage, security, the control engine,
-then the network services (REST now; Modbus and OPC UA add themselves to
-:attr:`Adapter.services`). :func:`serve` runs an adapter on uvloop until
+then the network services in :attr:`Adapter.services` (REST, Modbus TCP,
+OPC UA). :func:`serve` runs an adapter on uvloop until
 SIGTERM or Ctrl-C and shuts it down gracefully within
 :data:`SHUTDOWN_BUDGET` seconds.
 """
@@ -31,7 +31,9 @@ from calejo_server.api.health import HealthRegistry
 from calejo_server.config import Config, ConfigError
 from calejo_server.logs import parse_logging, setup_logging
 from calejo_server.metrics import Metrics
+from calejo_server.ops.certs import certificate_check
 from calejo_server.storage.base import StorageError
+from calejo_server.tls import ServerTls, TlsError, prepare_server_tls
 
 logger = logging.getLogger(__name__)
 
@@ -163,12 +165,14 @@ class HttpService:
         *,
         access_log: bool = False,
         graceful_timeout: float = GRACEFUL_HTTP,
+        tls: ServerTls | None = None,
     ) -> None:
         self.app = app
         self.host = host
         self.port = port
         self.access_log = access_log
         self.graceful_timeout = graceful_timeout
+        self.tls = tls
         self._server: _UvicornServer | None = None
         self._task: asyncio.Task[None] | None = None
 
@@ -187,7 +191,12 @@ class HttpService:
             server_header=False,
             timeout_graceful_shutdown=max(1, round(self.graceful_timeout)),
             timeout_keep_alive=30,
+            **(self.tls.uvicorn_options() if self.tls is not None else {}),
         )
+        if self.tls is not None:
+            config.load()
+            assert config.ssl is not None
+            self.tls.attach(config.ssl)
         server = _UvicornServer(config)
         self._server = server
         self._task = asyncio.create_task(server.serve(sockets=[sock]), name="http")
@@ -209,6 +218,8 @@ class HttpService:
         raise AdapterError("the REST API stopped while starting")
 
     async def stop(self) -> None:
+        if self.tls is not None:
+            await self.tls.detach()
         if self._server is None or self._task is None:
             return
 
@@ -228,8 +239,12 @@ class HttpService:
             self._server = None
             self._task = None
 
+    @property
+    def scheme(self) -> str:
+        return "https" if self.tls is not None else "http"
+
     def addresses(self) -> list[str]:
-        return [f"http://{_host_for_url(self.host)}:{self.port}/api/v1"]
+        return [f"{self.scheme}://{_host_for_url(self.host)}:{self.port}/api/v1"]
 
 
 def _http_protocol() -> str:
@@ -288,6 +303,7 @@ class Adapter:
         self.security: Any = None
         self.engine: Any = None
         self.app: Any = None
+        self.alerts: Any = None
         self._lock = DataDirLock(config.server.data_dir)
         self._started: list[Callable[[], Awaitable[None]]] = []
 
@@ -329,7 +345,15 @@ class Adapter:
                 key_path="security.admin_password",
             ) from None
 
+        from calejo_server.alerts import AlertService
+
+        self.alerts = AlertService.from_config(config, self.storage, health=self.health)
+        await self.alerts.start()
+        self._started.append(self.alerts.stop)
+        self.alerts.watch_security(self.security)
+
         self.engine = Engine(config, self.storage)
+        self.alerts.watch_engine(self.engine)
         await self.engine.start()
         self._started.append(self.engine.stop)
 
@@ -342,15 +366,44 @@ class Adapter:
             config=config,
             metrics=self.metrics,
             health=self.health,
+            alerts=self.alerts,
         )
 
+        try:
+            tls = await asyncio.to_thread(prepare_server_tls, config)
+        except TlsError as exc:
+            raise AdapterError(str(exc)) from exc
         http = HttpService(
             self.app,
             config.server.bind,
             config.server.http_port,
             access_log=self.logging.access_log,
+            tls=tls,
         )
         self.services.append(http)
+
+        from calejo_server.protocols.modbus import ModbusServer
+
+        modbus = ModbusServer(self.engine, config)
+        self.services.append(modbus)
+        self.health.register("modbus", modbus.health_check)
+        self.metrics.add_live_source(modbus.collect)
+
+        from calejo_server.protocols.opcua import OpcUaServer
+
+        opcua = OpcUaServer(self.engine, self.security, config, storage=self.storage)
+        if opcua.options.enabled:
+            # First: it is the slowest to start (certificates, address space),
+            # and the REST API answering should mean the adapter is up.
+            self.services.insert(0, opcua)
+            self.health.register("opcua", opcua.health_check)
+        self.health.register("certificates", certificate_check(config, self.services))
+
+        from calejo_server.ops.backup_scheduler import BackupScheduler
+
+        self.backups = BackupScheduler(self)
+        await self.backups.start()
+        self._started.append(self.backups.stop)
 
         for service in self.services:
             await service.start()
@@ -370,9 +423,13 @@ class Adapter:
         self._lock.release()
 
     def _print_admin(self, password: str, http: HttpService) -> None:
-        base = f"http://{_login_host(self.config.server.bind)}:{http.port}/api/v1"
+        host = _login_host(self.config.server.bind)
+        base = f"{http.scheme}://{host}:{http.port}/api/v1"
         line = "=" * 72
         body = f'{{"username": "admin", "password": "{password}"}}'
+        trust = ""
+        if http.tls is not None:
+            trust = f"--cacert {http.tls.settings.certificate_dir / 'ca.crt'} "
         print(
             f"\n{line}\n"
             "An administrator account was created. Its password is shown\n"
@@ -380,7 +437,7 @@ class Adapter:
             "    username: admin\n"
             f"    password: {password}\n\n"
             f"Log in:  POST {base}/auth/login\n\n"
-            f"    curl -s -X POST {base}/auth/login \\\n"
+            f"    curl -s {trust}-X POST {base}/auth/login \\\n"
             "         -H 'Content-Type: application/json' \\\n"
             f"         -d '{body}'\n"
             f"{line}\n",

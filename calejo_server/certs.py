@@ -350,6 +350,20 @@ def ensure_certificates(
     return files
 
 
+def ensure_authority(
+    folder: Path, *, key_size: int = KEY_SIZE, now: dt.datetime | None = None
+) -> tuple[x509.Certificate, rsa.RSAPrivateKey]:
+    """The local CA of ``folder`` (certificate and key), created if missing.
+
+    A CA with only one of its two files, or a key that does not match the
+    certificate, is a CertificateError.
+    """
+    _make_private_folder(folder)
+    return _ensure_ca(
+        CertificateFiles(folder), key_size, now or dt.datetime.now(dt.UTC)
+    )
+
+
 def _ensure_ca(
     files: CertificateFiles, key_size: int, now: dt.datetime
 ) -> tuple[x509.Certificate, rsa.RSAPrivateKey]:

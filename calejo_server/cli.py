@@ -19,18 +19,17 @@ import contextlib
 import dataclasses
 import datetime as dt
 import getpass
-import json
 import logging
 import os
 import sys
 import tempfile
-import urllib.error
-import urllib.request
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TextIO, TypeVar
 
 from calejo_server.config import Config, ConfigError, load_config
+from calejo_server.ops import backup_commands, certs, compliance, health
+from calejo_server.protocols import modbus_commands, opcua_cli
 from calejo_server.storage.base import Storage, StorageError
 
 logger = logging.getLogger(__name__)
@@ -328,123 +327,6 @@ def _open_output(path: Path) -> TextIO:
         ) from exc
 
 
-# -- health-check -----------------------------------------------------------
-
-
-def _health_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.description = (
-        "Ask a running adapter for its health (GET /api/v1/health/detailed) "
-        "and print one line per component. Exit 0 ok, 1 degraded, 2 down or "
-        "unreachable."
-    )
-    parser.add_argument(
-        "--url",
-        help="the adapter's base URL (default: http://127.0.0.1:<http_port> "
-        "from the configuration)",
-    )
-    parser.add_argument(
-        "--timeout", type=float, default=5.0, help="seconds to wait (default 5)"
-    )
-
-
-def run_health_check(args: argparse.Namespace) -> int:
-    if args.url is not None:
-        base = args.url
-    else:
-        config = _load(args)
-        host = config.server.bind
-        if host in ("0.0.0.0", "::", ""):
-            host = "127.0.0.1"
-        if ":" in host:
-            host = f"[{host}]"
-        base = f"http://{host}:{config.server.http_port}"
-
-    return health_check(base, args.timeout, sys.stdout)
-
-
-def health_check(base_url: str, timeout: float, out: TextIO) -> int:
-    """Print the adapter's health; return 0 ok, 1 degraded, 2 down."""
-    url = base_url.rstrip("/")
-    if not url.endswith("/api/v1"):
-        url += "/api/v1"
-    url += "/health/detailed"
-
-    try:
-        status_code, body = _get_json(url, timeout)
-    except (OSError, ValueError) as exc:
-        print(f"adapter: down (cannot reach {url}: {_reason(exc)})", file=out)
-        return EXIT_USAGE
-
-    status = str(body.get("status", "down")) if isinstance(body, dict) else "down"
-    if status_code >= 500 and status == "ok":
-        status = "down"
-    print(f"adapter: {status}", file=out)
-
-    components = body.get("components", {}) if isinstance(body, dict) else {}
-    for name, line in _component_lines(components):
-        print(f"{name}: {line}", file=out)
-
-    if status == "ok":
-        return EXIT_OK
-    if status == "degraded":
-        return EXIT_FAILED
-    return EXIT_USAGE
-
-
-def _get_json(url: str, timeout: float) -> tuple[int, Any]:
-    request = urllib.request.Request(url, headers={"Accept": "application/json"})
-    try:
-        with urllib.request.urlopen(request, timeout=timeout) as answer:
-            return answer.status, json.loads(answer.read())
-    except urllib.error.HTTPError as error:
-        with error:
-            payload = error.read()
-        try:
-            return error.code, json.loads(payload)
-        except ValueError:
-            return error.code, {"status": "down"}
-
-
-def _reason(exc: BaseException) -> str:
-    if isinstance(exc, urllib.error.URLError):
-        return str(exc.reason)
-    return str(exc) or type(exc).__name__
-
-
-def _component_lines(components: Any) -> list[tuple[str, str]]:
-    """``(name, "state: detail (key=value, ...)")`` per component."""
-    if not isinstance(components, dict):
-        return []
-
-    lines = []
-    for name, value in components.items():
-        if not isinstance(value, dict):
-            lines.append((str(name), str(value)))
-            continue
-
-        state = value.get("state", value.get("status", "unknown"))
-        text = str(state)
-        detail = value.get("detail")
-        if detail:
-            text += f" - {detail}"
-        figures = [
-            f"{key}={_compact(item)}"
-            for key, item in value.items()
-            if key not in ("state", "status", "detail")
-            and isinstance(item, int | float | str)
-        ]
-        if figures:
-            text += f" ({', '.join(figures)})"
-        lines.append((str(name), text))
-    return lines
-
-
-def _compact(value: object) -> str:
-    if isinstance(value, float):
-        return f"{value:.6g}"
-    return str(value)
-
-
 # -- common -----------------------------------------------------------------
 
 
@@ -519,8 +401,56 @@ COMMANDS: tuple[Command, ...] = (
     Command(
         "health-check",
         "ask a running adapter for its health",
-        _health_arguments,
-        run_health_check,
+        health.arguments,
+        health.run,
+    ),
+    Command(
+        "backup",
+        "write a verified backup archive, or prune old ones",
+        backup_commands.backup_arguments,
+        backup_commands.run_backup_command,
+    ),
+    Command(
+        "verify-backup",
+        "check a backup archive, part by part",
+        backup_commands.verify_arguments,
+        backup_commands.run_verify,
+    ),
+    Command(
+        "restore",
+        "restore the database and/or configuration from a backup",
+        backup_commands.restore_arguments,
+        backup_commands.run_restore,
+    ),
+    Command(
+        "certs",
+        "make, rotate or check the certificates",
+        certs.arguments,
+        certs.run,
+    ),
+    Command(
+        "compliance-report",
+        "evaluate the adapter against IEC 62443-3-3 or ISO 27001",
+        compliance.arguments,
+        compliance.run,
+    ),
+    Command(
+        "modbus-map",
+        "print the Modbus register map of the stations",
+        modbus_commands.map_arguments,
+        modbus_commands.run_map,
+    ),
+    Command(
+        "modbus",
+        "read registers from a Modbus TCP server",
+        modbus_commands.modbus_arguments,
+        modbus_commands.run_modbus,
+    ),
+    Command(
+        "opcua",
+        "browse or read an OPC UA server",
+        opcua_cli.add_arguments,
+        opcua_cli.run,
     ),
 )
 """Every subcommand, in the order ``calejo --help`` lists them."""

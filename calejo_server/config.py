@@ -21,14 +21,20 @@ Sections, all optional::
     server:
       bind: 0.0.0.0            # CALEJO_BIND
       http_port: 8080          # CALEJO_HTTP_PORT
-      modbus_port: 502         # CALEJO_MODBUS_PORT
-      opcua_port: 4840         # CALEJO_OPCUA_PORT
+      modbus_port: 502         # CALEJO_MODBUS_PORT; 0 picks a free port
+      opcua_port: 4840         # CALEJO_OPCUA_PORT; 0 picks a free port
       data_dir: ./calejo-data  # CALEJO_DATA_DIR; relative to the working folder
     database:
       url: sqlite:///path/calejo.db or postgresql://...   # DATABASE_URL
     engine:
       tick_interval: 0.1       # seconds between ticks (ramps, images, watchdog)
       watchdog_timeout: 1200   # seconds without a setpoint or plan -> failsafe
+    modbus:
+      enabled: true
+      max_connections: 64      # more are refused (and audited)
+      idle_timeout: 300        # seconds without a request before closing
+      allowed_clients: []      # addresses or CIDR networks; empty: anyone
+      plc_heartbeat_timeout: 30  # seconds the PLC heartbeat may stand still
     security:
       token_idle_timeout: 900        # seconds
       token_absolute_timeout: 43200  # seconds
@@ -71,9 +77,9 @@ without a file at all it falls back to the demonstration station.
 Sections read by their own modules, accepted here as they are and kept in
 :attr:`Config.raw`:
 
-- ``alerts``: e-mail, SMS and webhook channels per severity.
+- ``alerts``: e-mail, SMS and webhook channels per severity
+  (calejo_server.alerts.settings).
 - ``backup``: backup schedules, retention and folder.
-- ``modbus``: Modbus TCP server options beyond the port.
 - ``opcua``: OPC UA endpoint, security policies, trust list.
 - ``logging``: level, log folder and rotation (calejo_server.logs).
 - ``certificates``: the certificate folder and the local CA.
@@ -104,6 +110,7 @@ __all__ = [
     "ConfigError",
     "DatabaseConfig",
     "EngineConfig",
+    "ModbusConfig",
     "PumpConfig",
     "SecurityConfig",
     "ServerConfig",
@@ -112,6 +119,7 @@ __all__ = [
     "load_config",
     "parse_station",
     "station_definition",
+    "value_error",
 ]
 
 REGISTER_MAX: Final = 6553.5
@@ -135,11 +143,14 @@ _REFERENCE = re.compile(
 _MAX_NODES: Final = 300_000
 _DATABASE_SCHEMES = ("sqlite://", "postgresql://", "postgres://")
 
+_FREE_PORTS: Final = frozenset({"modbus_port", "opcua_port"})
+"""Ports that may be 0: the server listens on a free port and logs it."""
+
 _LATER_SECTIONS: Final = frozenset(
-    {"alerts", "backup", "modbus", "opcua", "logging", "certificates", "tls"}
+    {"alerts", "backup", "opcua", "logging", "certificates", "tls"}
 )
 _SECTIONS: Final = frozenset(
-    {"server", "database", "engine", "security", "stations"} | _LATER_SECTIONS
+    {"server", "database", "engine", "security", "stations", "modbus"} | _LATER_SECTIONS
 )
 
 
@@ -190,6 +201,20 @@ class EngineConfig:
 
     tick_interval: float = 0.1
     watchdog_timeout: float = 1200.0
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ModbusConfig:
+    """The Modbus TCP server beyond its port (times in seconds).
+
+    ``allowed_clients`` empty means every client address may connect.
+    """
+
+    enabled: bool = True
+    max_connections: int = 64
+    idle_timeout: float = 300.0
+    allowed_clients: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    plc_heartbeat_timeout: float = 30.0
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -244,6 +269,7 @@ class Config:
     demo: bool
     source: Path | None
     raw: Mapping[str, Any]
+    modbus: ModbusConfig = dataclasses.field(default_factory=ModbusConfig)
 
 
 def load_config(
@@ -309,6 +335,18 @@ def parse_station(
     'north'``. Raises :class:`ConfigError`.
     """
     return _Reader(where).station(definition, "", default_unit_id)
+
+
+def value_error(
+    where: str, key_path: str, expected: str, got: object, *, secret: bool = False
+) -> ConfigError:
+    """The :class:`ConfigError` for a value that does not fit, worded as the
+    loader words its own: ``<where>: <key_path>: expected ..., got ...``.
+
+    For the sections that their own modules read from :attr:`Config.raw`;
+    with ``secret`` the value is never shown.
+    """
+    return _Reader(where).fail(key_path, expected, _Secret() if secret else got)
 
 
 def station_definition(station: StationConfig) -> dict[str, Any]:
@@ -534,6 +572,7 @@ class _Reader:
         engine = self.engine(document.get("engine"))
         security = self.security(document.get("security"), environ)
         stations = self.stations(document.get("stations"))
+        modbus = self.modbus(document.get("modbus"))
 
         return Config(
             server=server,
@@ -544,6 +583,7 @@ class _Reader:
             demo=False,
             source=None,
             raw=types.MappingProxyType(_plain(document)),
+            modbus=modbus,
         )
 
     def section(self, node: object, path: str, keys: frozenset[str]) -> dict[str, Any]:
@@ -570,7 +610,9 @@ class _Reader:
         bind = self.bind(section.get("bind", defaults.bind), "server.bind")
         ports = {
             name: self.port(
-                section.get(name, getattr(defaults, name)), f"server.{name}"
+                section.get(name, getattr(defaults, name)),
+                f"server.{name}",
+                free=name in _FREE_PORTS,
             )
             for name in ("http_port", "modbus_port", "opcua_port")
         }
@@ -589,12 +631,16 @@ class _Reader:
             ("opcua_port", "CALEJO_OPCUA_PORT"),
         ):
             ports[name] = env_reader.override(
-                variable, ports[name], lambda v, p: self.port(_Substituted(v), p)
+                variable,
+                ports[name],
+                lambda v, p, free=name in _FREE_PORTS: self.port(
+                    _Substituted(v), p, free=free
+                ),
             )
 
         seen: dict[int, str] = {}
         for name, port in ports.items():
-            if port in seen:
+            if port in seen and port != 0:
                 raise ConfigError(
                     f"{self.where}: server.{name}: expected a port different from "
                     f"server.{seen[port]}, got {port}",
@@ -648,6 +694,62 @@ class _Reader:
                 timeout,
             )
         return EngineConfig(tick_interval=tick, watchdog_timeout=timeout)
+
+    def modbus(self, node: object) -> ModbusConfig:
+        keys = frozenset(f.name for f in dataclasses.fields(ModbusConfig))
+        section = self.section(node, "modbus", keys)
+        d = ModbusConfig()
+
+        enabled = self.boolean(section.get("enabled", d.enabled), "modbus.enabled")
+        connections = self.integer(
+            section.get("max_connections", d.max_connections),
+            "modbus.max_connections",
+            1,
+            10_000,
+        )
+        idle = self.number(
+            section.get("idle_timeout", d.idle_timeout),
+            "modbus.idle_timeout",
+            0.1,
+            86400.0,
+        )
+        heartbeat = self.number(
+            section.get("plc_heartbeat_timeout", d.plc_heartbeat_timeout),
+            "modbus.plc_heartbeat_timeout",
+            1.0,
+            86400.0,
+        )
+
+        clients = section.get("allowed_clients", [])
+        if not isinstance(clients, list):
+            raise self.fail(
+                "modbus.allowed_clients",
+                "a list of IP addresses or CIDR networks",
+                clients,
+            )
+        networks = tuple(
+            self.network(entry, f"modbus.allowed_clients[{index}]")
+            for index, entry in enumerate(clients)
+        )
+
+        return ModbusConfig(
+            enabled=enabled,
+            max_connections=connections,
+            idle_timeout=idle,
+            allowed_clients=networks,
+            plc_heartbeat_timeout=heartbeat,
+        )
+
+    def network(
+        self, value: object, path: str
+    ) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+        expected = "an IP address or a CIDR network such as 10.0.0.0/8"
+        if not isinstance(value, str):
+            raise self.fail(path, expected, value)
+        try:
+            return ipaddress.ip_network(value.strip(), strict=False)
+        except ValueError:
+            raise self.fail(path, expected, value) from None
 
     def security(self, node: object, environ: Mapping[str, str]) -> SecurityConfig:
         keys = frozenset(f.name for f in dataclasses.fields(SecurityConfig))
@@ -874,8 +976,9 @@ class _Reader:
                     return str(value)
         raise self.fail(path, "an IP address or host name to listen on", value)
 
-    def port(self, value: object, path: str) -> int:
-        return self.integer(value, path, 1, 65535)
+    def port(self, value: object, path: str, *, free: bool = False) -> int:
+        """A TCP port; with ``free``, 0 too (the system picks a free one)."""
+        return self.integer(value, path, 0 if free else 1, 65535)
 
     def integer(self, value: object, path: str, low: int, high: int) -> int:
         value = _coerce(value)

@@ -3,14 +3,19 @@
 The configuration's ``logging:`` section (every key optional)::
 
     logging:
-      level: INFO            # DEBUG, INFO, WARNING, ERROR, CRITICAL
-      dir: /var/log/calejo   # also write calejo.log here, rotated
-      max_bytes: 10485760    # rotate a file when it reaches this size
-      backups: 5             # rotated files kept (calejo.log.1 ... .5)
-      access_log: false      # one line per HTTP request (costly under load)
+      level: INFO              # DEBUG, INFO, WARNING, ERROR, CRITICAL
+      folder: /var/log/calejo  # also write calejo.log here, rotated by size
+      max_bytes: 10485760      # rotate the file when it would pass this size
+      backup_count: 5          # rotated files kept (calejo.log.1 ... .5)
+      access_log: false        # one line per HTTP request (costly under load)
 
-Without ``dir`` the adapter logs to standard output only, which is what a
-container or a systemd unit collects.
+Without ``folder`` (or with ``folder: false``) the adapter logs to
+standard output only, which is what a container or a systemd unit
+collects; ``folder: true`` means ``/var/log/calejo``. ``dir`` and
+``backups`` are accepted as older names of ``folder`` and
+``backup_count`` (at least 1: the log in the folder never grows past
+``max_bytes`` times ``backup_count + 1``). The folder is created (mode
+0750) if missing.
 """
 
 from __future__ import annotations
@@ -30,8 +35,12 @@ logger = logging.getLogger(__name__)
 
 LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 LOG_FILE = "calejo.log"
+DEFAULT_FOLDER = Path("/var/log/calejo")
 FORMAT = "%(asctime)s %(levelname)-8s %(name)s: %(message)s"
-_KEYS = frozenset({"level", "dir", "max_bytes", "backups", "access_log"})
+_KEYS = frozenset(
+    {"level", "folder", "dir", "max_bytes", "backup_count", "backups", "access_log"}
+)
+_ALIASES = (("folder", "dir"), ("backup_count", "backups"))
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -39,9 +48,9 @@ class LoggingConfig:
     """Where the adapter's log goes and how much of it."""
 
     level: str = "INFO"
-    dir: Path | None = None
+    folder: Path | None = None
     max_bytes: int = 10 * 1024 * 1024
-    backups: int = 5
+    backup_count: int = 5
     access_log: bool = False
 
 
@@ -69,16 +78,21 @@ def parse_logging(raw: Mapping[str, Any], source: Path | None = None) -> Logging
                 where, f"logging.{key}", f"one of {', '.join(sorted(_KEYS))}", key
             )
 
+    for name, older in _ALIASES:
+        if name in section and older in section:
+            raise _error(
+                where, f"logging.{older}", f"only one of {name} and {older}", older
+            )
+
     level = section.get("level", "INFO")
     if not isinstance(level, str) or level.upper() not in LEVELS:
         raise _error(where, "logging.level", f"one of {', '.join(LEVELS)}", level)
 
-    folder = section.get("dir")
-    if folder is not None and (not isinstance(folder, str) or not folder):
-        raise _error(where, "logging.dir", "a folder path", folder)
-
+    key = "folder" if "folder" in section else "dir"
+    folder = _folder(section.get(key), f"logging.{key}", where)
     max_bytes = _integer(section, "max_bytes", 10 * 1024 * 1024, 1024, where)
-    backups = _integer(section, "backups", 5, 0, where)
+    key = "backup_count" if "backup_count" in section else "backups"
+    backup_count = _integer(section, key, 5, 1, where)
 
     access_log = section.get("access_log", False)
     if not isinstance(access_log, bool):
@@ -86,11 +100,21 @@ def parse_logging(raw: Mapping[str, Any], source: Path | None = None) -> Logging
 
     return LoggingConfig(
         level=level.upper(),
-        dir=Path(folder) if folder else None,
+        folder=folder,
         max_bytes=max_bytes,
-        backups=backups,
+        backup_count=backup_count,
         access_log=access_log,
     )
+
+
+def _folder(value: object, path: str, where: str) -> Path | None:
+    if value is None or value is False:
+        return None
+    if value is True:
+        return DEFAULT_FOLDER
+    if not isinstance(value, str) or not value:
+        raise _error(where, path, "a folder path, true or false", value)
+    return Path(value)
 
 
 def _integer(
@@ -133,23 +157,8 @@ def setup_logging(
         logging.StreamHandler(stream if stream is not None else sys.stdout)
     ]
 
-    if settings.dir is not None:
-        try:
-            settings.dir.mkdir(parents=True, exist_ok=True)
-            handlers.append(
-                logging.handlers.RotatingFileHandler(
-                    settings.dir / LOG_FILE,
-                    maxBytes=settings.max_bytes,
-                    backupCount=settings.backups,
-                    encoding="utf-8",
-                )
-            )
-        except OSError as exc:
-            raise ConfigError(
-                f"logging.dir: expected a writable folder, got {settings.dir} "
-                f"({exc.strerror or exc})",
-                key_path="logging.dir",
-            ) from exc
+    if settings.folder is not None:
+        handlers.append(_file_handler(settings))
 
     for handler in handlers:
         handler.setFormatter(formatter)
@@ -162,4 +171,29 @@ def setup_logging(
     for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
         logging.getLogger(name).propagate = True
 
+    # asyncua logs every node of its standard address space and every
+    # request at INFO; the OPC UA server logs what an operator needs itself.
+    quiet = logging.DEBUG if settings.level == "DEBUG" else logging.WARNING
+    logging.getLogger("asyncua").setLevel(quiet)
+
     return handlers
+
+
+def _file_handler(settings: LoggingConfig) -> logging.Handler:
+    """``calejo.log`` in the folder, rotated by size."""
+    assert settings.folder is not None
+    path = settings.folder / LOG_FILE
+    try:
+        settings.folder.mkdir(mode=0o750, parents=True, exist_ok=True)
+        return logging.handlers.RotatingFileHandler(
+            path,
+            maxBytes=settings.max_bytes,
+            backupCount=settings.backup_count,
+            encoding="utf-8",
+        )
+    except OSError as exc:
+        raise ConfigError(
+            f"logging.folder: expected a writable folder, got {settings.folder} "
+            f"({exc.strerror or exc})",
+            key_path="logging.folder",
+        ) from exc

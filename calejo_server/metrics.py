@@ -27,6 +27,14 @@ engine_tick_duration_seconds             gauge      (the last tick)
 engine_tick_lag_seconds                  gauge      (the last tick)
 engine_max_tick_lag_seconds              gauge
 =======================================  =========  ==========================
+
+The Modbus TCP server adds its own at scrape time (its ``collect``):
+``modbus_connections`` (gauge), ``modbus_connections_accepted_total``,
+``modbus_connections_refused_total`` (reason: limit, address),
+``modbus_connections_closed_total`` (reason: idle, broken),
+``modbus_frames_total``, ``modbus_exceptions_total``,
+``modbus_writes_total`` (result: stored, refused) and
+``plc_heartbeat_lost_stations`` (gauge).
 """
 
 from __future__ import annotations

@@ -46,6 +46,7 @@ from calejo_server.security import (
 from calejo_server.storage.base import StorageError, utcnow
 
 if TYPE_CHECKING:
+    from calejo_server.alerts import AlertService
     from calejo_server.config import Config
     from calejo_server.engine import Engine
     from calejo_server.security import Security
@@ -74,6 +75,7 @@ def create_app(
     health: HealthRegistry | None = None,
     lifespan: Lifespan[Starlette] | None = None,
     endpoints: Sequence[Endpoint] | None = None,
+    alerts: AlertService | None = None,
 ) -> Starlette:
     """The REST API of one adapter (routes under ``/api/v1``).
 
@@ -85,6 +87,7 @@ def create_app(
     registered, and ``modbus``, ``opcua`` and ``alerts`` are marked not
     configured unless already registered. ``lifespan`` is handed to
     Starlette (tests start the engine and the directory there).
+    ``alerts``: the adapter's alert service, for ``POST /alerts/test``.
     The returned app's ``state.calejo`` holds the :class:`Services`.
     """
     if metrics is None:
@@ -112,6 +115,7 @@ def create_app(
         config=config,
         max_body_bytes=max_body,
         started_at=utcnow(),
+        alerts=alerts,
     )
 
     endpoints = list(endpoints) if endpoints is not None else all_endpoints()

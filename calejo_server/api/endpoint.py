@@ -30,6 +30,7 @@ from calejo_server.security import Principal
 from calejo_server.security.throttle import retry_after_header
 
 if TYPE_CHECKING:
+    from calejo_server.alerts import AlertService
     from calejo_server.api.health import HealthRegistry
     from calejo_server.config import Config
     from calejo_server.engine import Engine
@@ -118,6 +119,7 @@ class Services:
     started_at: dt.datetime
     started: float = dataclasses.field(default_factory=time.monotonic)
     openapi: bytes = b""
+    alerts: AlertService | None = None
 
 
 @dataclasses.dataclass(slots=True)

@@ -85,6 +85,33 @@ PUMP_LIMITS = answer(
     }
 )
 
+PUMP_FEEDBACK = answer(
+    {
+        "speed": Nullable(Number(), description="actual speed (units)"),
+        "running": Nullable(Boolean()),
+        "power": Nullable(Number(), description="power (kW)"),
+        "updated_at": _time("when the PLC last wrote any of them"),
+    },
+    "what the station's PLC last wrote about the pump over Modbus; each "
+    "value null until written",
+)
+
+PLC = answer(
+    {
+        "heartbeat": Nullable(Integer(minimum=0, maximum=65535)),
+        "heartbeat_age": Nullable(
+            Number(), description="seconds since the heartbeat last changed"
+        ),
+        "heartbeat_lost": Boolean(description="unchanged past heartbeat_timeout"),
+        "heartbeat_timeout": Number(description="seconds"),
+        "level": Nullable(
+            Integer(minimum=-32768, maximum=32767), description="station level (cm)"
+        ),
+        "last_write_at": _optional_time("the PLC's last accepted write"),
+    },
+    "the station's PLC as seen over Modbus",
+)
+
 PUMP = answer(
     {
         "station_id": _text(),
@@ -110,6 +137,7 @@ PUMP = answer(
         ),
         "last_setpoint_at": _optional_time(),
         "plan_id": _optional_text("the plan whose interval the pump follows now"),
+        "feedback": Nullable(PUMP_FEEDBACK),
     },
     "one pump",
 )
@@ -132,6 +160,7 @@ STATION = answer(
             ),
         ),
         "storage_degraded": Boolean(),
+        "plc": Nullable(PLC),
     },
     "one station",
 )

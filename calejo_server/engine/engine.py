@@ -57,6 +57,7 @@ from calejo_server.engine.errors import (
     UnknownStation,
 )
 from calejo_server.engine.events import EngineEvent, EventHub
+from calejo_server.engine.feedback import PlcFeedback
 from calejo_server.engine.plans import (
     Interval,
     Plan,
@@ -240,6 +241,12 @@ class Engine:
         self._tick_lag = 0.0
         self._max_tick_lag = 0.0
         self._tick_duration = 0.0
+        self._feedback = PlcFeedback(
+            config.modbus.plc_heartbeat_timeout,
+            self._clock,
+            self._queue,
+            self._events.emit,
+        )
 
     # ------------------------------------------------------------------
     # life cycle
@@ -265,6 +272,7 @@ class Engine:
         now = self._clock.monotonic()
         wall = self._clock.utcnow()
         self._build(stations, now)
+        self._feedback.build((s.config, s.image) for s in self._stations)
 
         restored = self._restore_setpoints(snapshot, now, wall)
         self._restore_stops(snapshot, now)
@@ -1198,6 +1206,32 @@ class Engine:
         return None
 
     # ------------------------------------------------------------------
+    # PLC writes over Modbus (calejo_server.engine.feedback)
+
+    def write_feedback(
+        self,
+        unit: int,
+        kind: int,
+        address: int,
+        values: npt.NDArray[np.uint16],
+        ctx: RequestContext,
+    ) -> int:
+        """Check a PLC's write to a station image: 0 to store, else the
+        Modbus exception code (03 for a bad value; audited, nothing stored)."""
+        return self._feedback.write(unit, kind, address, values, ctx)
+
+    def audit_refusal(
+        self, event_type: str, ctx: RequestContext, detail: str, **details: Any
+    ) -> bool:
+        """Audit a refused connection or request, rate-limited per source;
+        True when it got a record of its own."""
+        return self._feedback.refuse(event_type, ctx, detail, **details)
+
+    def plc_heartbeat_lost(self) -> list[str]:
+        """The stations whose PLC heartbeat stands still past its timeout."""
+        return self._feedback.lost_stations()
+
+    # ------------------------------------------------------------------
     # the tick
 
     def tick(self) -> None:
@@ -1270,6 +1304,7 @@ class Engine:
             self._image_set.update_details(
                 self._target_array(), self._ages, self._outcome_array()
             )
+        self._feedback.second(now)
 
     def _checkpoint(self, limit: int | None = None) -> list[Record]:
         """Setpoint records for pumps whose applied value moved since written.
@@ -1786,6 +1821,7 @@ class Engine:
             last_fresh_at=station.last_fresh_at,
             status=bits,
             storage_degraded=self._storage_degraded,
+            plc=self._feedback.station_view(station.index),
         )
 
     def _pump_view(self, pump: int) -> PumpView:
@@ -1828,6 +1864,7 @@ class Engine:
             ),
             last_setpoint_at=self._last_set_at[pump],
             plan_id=following[0] if following is not None else None,
+            feedback=self._feedback.pump_view(pump),
         )
 
     def _station_state(self, station: _Station) -> StationStateRecord:

@@ -17,6 +17,8 @@ __all__ = [
     "FAILSAFE_ENTERED",
     "FAILSAFE_EXITED",
     "PLAN",
+    "PLC_HEARTBEAT_LOST",
+    "PLC_HEARTBEAT_RESTORED",
     "SETPOINT",
     "STORAGE_DEGRADED",
     "STORAGE_RECOVERED",
@@ -34,6 +36,8 @@ FAILSAFE_EXITED: Final = "failsafe_exited"
 STORAGE_DEGRADED: Final = "storage_degraded"
 STORAGE_RECOVERED: Final = "storage_recovered"
 PLAN: Final = "plan"
+PLC_HEARTBEAT_LOST: Final = "plc_heartbeat_lost"
+PLC_HEARTBEAT_RESTORED: Final = "plc_heartbeat_restored"
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -20,6 +20,8 @@ __all__ = [
     "Outcome",
     "PlanPumpView",
     "PlanView",
+    "PlcView",
+    "PumpFeedbackView",
     "PumpLimitsView",
     "PumpView",
     "RequestContext",
@@ -111,13 +113,65 @@ class PumpLimitsView:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
+class PumpFeedbackView:
+    """What the station's PLC last wrote about a pump (Modbus registers).
+
+    ``speed`` in the pump's units, ``power`` in kW, each None until the
+    PLC first writes it; ``updated_at`` is when any of them was last
+    written.
+    """
+
+    speed: float | None
+    running: bool | None
+    power: float | None
+    updated_at: dt.datetime
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "speed": self.speed,
+            "running": self.running,
+            "power": self.power,
+            "updated_at": _time(self.updated_at),
+        }
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class PlcView:
+    """The station's PLC as seen over Modbus: heartbeat and level.
+
+    ``heartbeat_age`` is the seconds since the heartbeat register last
+    changed (None before the PLC first wrote it); ``heartbeat_lost`` once
+    it stood still for the configured timeout. ``level`` is in cm (None
+    until written).
+    """
+
+    heartbeat: int | None
+    heartbeat_age: float | None
+    heartbeat_lost: bool
+    heartbeat_timeout: float
+    level: int | None
+    last_write_at: dt.datetime | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "heartbeat": self.heartbeat,
+            "heartbeat_age": self.heartbeat_age,
+            "heartbeat_lost": self.heartbeat_lost,
+            "heartbeat_timeout": self.heartbeat_timeout,
+            "level": self.level,
+            "last_write_at": _time(self.last_write_at),
+        }
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
 class PumpView:
     """One pump: limits, target, applied value and status.
 
     ``status`` holds the Modbus status bits (0 e-stop, 1 failsafe, 2
     clamped, 3 ramping, 4 last request rejected), also given as flags.
     ``max_rate`` of infinity (no ramp) shows as None in :meth:`to_dict`.
-    ``plan_id`` names the plan whose interval the pump follows now.
+    ``plan_id`` names the plan whose interval the pump follows now;
+    ``feedback`` is what the PLC last wrote (None until it writes).
     """
 
     station_id: str
@@ -137,6 +191,7 @@ class PumpView:
     setpoint_age: float | None
     last_setpoint_at: dt.datetime | None
     plan_id: str | None = None
+    feedback: PumpFeedbackView | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -157,6 +212,7 @@ class PumpView:
             "setpoint_age": self.setpoint_age,
             "last_setpoint_at": _time(self.last_setpoint_at),
             "plan_id": self.plan_id,
+            "feedback": self.feedback.to_dict() if self.feedback else None,
         }
 
 
@@ -165,7 +221,8 @@ class StationView:
     """One station, its pumps in register order, and its status bits.
 
     ``status`` holds the station status bits (0 any e-stop, 1 failsafe, 2
-    plan stale, 3 storage degraded).
+    plan stale, 3 storage degraded). ``plc`` is the station PLC's
+    heartbeat and level as written over Modbus.
     """
 
     station_id: str
@@ -178,6 +235,7 @@ class StationView:
     last_fresh_at: dt.datetime | None
     status: int = 0
     storage_degraded: bool = False
+    plc: PlcView | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -191,6 +249,7 @@ class StationView:
             "last_fresh_at": _time(self.last_fresh_at),
             "status": self.status,
             "storage_degraded": self.storage_degraded,
+            "plc": self.plc.to_dict() if self.plc else None,
         }
 
 

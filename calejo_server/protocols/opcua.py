@@ -88,25 +88,27 @@ from urllib.parse import urlsplit
 import numpy as np
 from asyncua import ua
 from asyncua.common.node import Node
-from asyncua.ua.attribute_ids import AttributeIds
 from asyncua.ua.object_ids import ObjectIds
 from asyncua.ua.status_codes import StatusCodes
 
 from calejo_core import codecs, gate
 from calejo_server import certs
+from calejo_server.app import AdapterError
 from calejo_server.config import Config, ConfigError
 from calejo_server.engine.errors import EmergencyStopConflict, EngineError
 from calejo_server.engine.events import EngineEvent
-from calejo_server.engine.views import RequestContext, StationView
+from calejo_server.engine.views import PumpView, RequestContext, StationView
 from calejo_server.protocols.opcua_access import (
     PROTOCOL,
     Access,
     AdapterUaServer,
     Ruleset,
+    bind_socket,
     current_caller,
     numeric_node_id,
     status,
 )
+from calejo_server.protocols.opcua_nodes import Builder, Values, Variable, write
 from calejo_server.protocols.opcua_trust import TrustList
 from calejo_server.security.roles import CLEAR_EMERGENCY_STOP, EMERGENCY_STOP
 
@@ -114,6 +116,7 @@ if TYPE_CHECKING:
     from calejo_server.api.health import ComponentHealth
     from calejo_server.engine import Engine
     from calejo_server.security.directory import Security
+    from calejo_server.storage.base import Storage
 
 logger = logging.getLogger(__name__)
 
@@ -134,8 +137,13 @@ FULL_REFRESH: Final = 1.0
 FULL_REFRESH_SHARE: Final = 20.0
 """A whole read that takes t seconds waits at least 20 t for the next one,
 so that with many pumps it stays under 5 % of the event loop."""
+UPDATE_PACE: Final = 4.0
+"""An update round that works t seconds starts the next after at least 4 t,
+so that the updates take at most a quarter of the event loop."""
+UPDATE_CHUNK: Final = 256
+"""Pumps written between two yields to the event loop."""
 STATUS_RAMPING: Final = int(gate.STATUS_RAMPING)
-STOP_TIMEOUT: Final = 3.0
+STOP_TIMEOUT: Final = 2.0
 CERTIFICATE_WARNING: Final = dt.timedelta(days=30)
 
 _KEYS: Final = frozenset(
@@ -160,7 +168,7 @@ _KEYS: Final = frozenset(
 )
 
 
-class OpcUaError(Exception):
+class OpcUaError(AdapterError):
     """The OPC UA server cannot start; the message says what to change."""
 
 
@@ -263,7 +271,7 @@ def _endpoint(
         port = parts.port
     except ValueError:
         port = None
-    if parts.scheme != "opc.tcp" or not parts.hostname or not port:
+    if parts.scheme != "opc.tcp" or not parts.hostname or port is None:
         raise _error(read.where, "opcua.endpoint", "opc.tcp://HOST:PORT[/path]", url)
 
     host = parts.hostname
@@ -365,8 +373,7 @@ _DOUBLE = ua.VariantType.Double
 _BOOLEAN = ua.VariantType.Boolean
 _UINT16 = ua.VariantType.UInt16
 _UINT32 = ua.VariantType.UInt32
-_MISSING = object()
-_NO_DATA = status(StatusCodes.BadWaitingForInitialData)
+_STRING = ua.VariantType.String
 
 STATION_VARIABLES: Final = (
     ("EmergencyStop", _BOOLEAN, "an emergency stop covers a pump of the station"),
@@ -393,6 +400,12 @@ PUMP_VARIABLES: Final = (
     ("MaxRate", _DOUBLE, "the fastest ramp, units per second (inf: no ramp)"),
     ("Ramping", _BOOLEAN, "the applied setpoint is moving toward the target"),
     ("SetpointAge", _DOUBLE, "seconds since the last setpoint (0.1 s steps)"),
+    ("PlanId", _STRING, "the plan whose interval the pump follows now (empty: none)"),
+)
+_STATION_FLAGS: Final = (
+    ("EmergencyStop", codecs.STATION_ESTOP),
+    ("Failsafe", codecs.STATION_FAILSAFE),
+    ("PlanStale", codecs.STATION_PLAN_STALE),
 )
 
 
@@ -400,39 +413,77 @@ PUMP_VARIABLES: Final = (
 class _StationNodes:
     station_id: str
     unit_id: int
-    variables: dict[str, ua.NodeId]
-    pumps: list[dict[str, ua.NodeId]]
+    node_id: ua.NodeId
+    variables: dict[str, Variable]
+    pumps: list[dict[str, Variable]]
     bits: int = -1
 
 
 def _station_values(
     nodes: _StationNodes, view: StationView
-) -> list[tuple[ua.NodeId, object, ua.VariantType]]:
+) -> list[tuple[Variable, object]]:
     station = nodes.variables
-    values: list[tuple[ua.NodeId, object, ua.VariantType]] = [
-        (station["EmergencyStop"], view.emergency_stop, _BOOLEAN),
-        (station["Failsafe"], view.failsafe, _BOOLEAN),
-        (station["PlanStale"], view.plan_stale, _BOOLEAN),
-        (station["Status"], view.status & 0xFFFF, _UINT16),
+    values: list[tuple[Variable, object]] = [
+        (station["EmergencyStop"], view.emergency_stop),
+        (station["Failsafe"], view.failsafe),
+        (station["PlanStale"], view.plan_stale),
+        (station["Status"], view.status & 0xFFFF),
     ]
     for pump_nodes, pump in zip(nodes.pumps, view.pumps, strict=False):
-        age = pump.setpoint_age
-        limits = pump.limits
-        values += [
-            (pump_nodes["Setpoint"], float(pump.applied), _DOUBLE),
-            (pump_nodes["Status"], pump.status & 0xFFFF, _UINT16),
-            (pump_nodes["Target"], float(pump.target), _DOUBLE),
-            (pump_nodes["MinValue"], float(limits.min_value), _DOUBLE),
-            (pump_nodes["MaxValue"], float(limits.max_value), _DOUBLE),
-            (pump_nodes["MaxRate"], float(limits.max_rate), _DOUBLE),
-            (pump_nodes["Ramping"], pump.ramping, _BOOLEAN),
-            (
-                pump_nodes["SetpointAge"],
-                None if age is None else round(age, 1),
-                _DOUBLE,
-            ),
-        ]
+        values += _pump_values(pump_nodes, pump)
     return values
+
+
+def _pump_values(
+    nodes: Mapping[str, Variable], pump: PumpView
+) -> list[tuple[Variable, object]]:
+    age = pump.setpoint_age
+    limits = pump.limits
+    return [
+        (nodes["Setpoint"], float(pump.applied)),
+        (nodes["Status"], pump.status & 0xFFFF),
+        (nodes["Target"], float(pump.target)),
+        (nodes["MinValue"], float(limits.min_value)),
+        (nodes["MaxValue"], float(limits.max_value)),
+        (nodes["MaxRate"], float(limits.max_rate)),
+        (nodes["Ramping"], pump.ramping),
+        (nodes["SetpointAge"], None if age is None else round(age, 1)),
+        (nodes["PlanId"], pump.plan_id or ""),
+    ]
+
+
+class _Run:
+    """One round of writes: shared data values, yields, the time spent."""
+
+    def __init__(self, aspace: Any) -> None:
+        self.aspace = aspace
+        self.values = Values()
+        self.written = 0
+        self.busy = 0.0
+        self._since = time.monotonic()
+        self._pumps = 0
+
+    async def write(self, variable: Variable, value: object) -> None:
+        self.written += await write(self.aspace, variable, value, self.values)
+
+    async def tick(self, pumps: int) -> None:
+        """Count ``pumps`` written; yield once :data:`UPDATE_CHUNK` are."""
+        self._pumps += pumps
+        if self._pumps >= UPDATE_CHUNK:
+            await self.pause()
+
+    async def pause(self) -> None:
+        """Let the event loop run other tasks; fresh timestamps after."""
+        self._pumps = 0
+        self.stop_clock()
+        await asyncio.sleep(0)
+        self._since = time.monotonic()
+        self.values = Values()
+
+    def stop_clock(self) -> None:
+        now = time.monotonic()
+        self.busy += now - self._since
+        self._since = now
 
 
 # The server.
@@ -443,6 +494,9 @@ class OpcUaServer:
 
     ``config`` is the adapter's configuration (its ``opcua:`` section is
     read here); ``data_dir`` defaults to ``config.server.data_dir``.
+    ``storage``, when given, receives the audit records of OPC UA sessions
+    (logins; refused requests); refused logins and method calls are
+    audited through ``security`` and state changes through the engine.
     """
 
     name = "opcua"
@@ -455,10 +509,12 @@ class OpcUaServer:
         data_dir: Path | None = None,
         *,
         options: OpcUaConfig | None = None,
+        storage: Storage | None = None,
     ) -> None:
         self.engine = engine
         self.security = security
         self.config = config
+        self.storage = storage
         self.data_dir = data_dir if data_dir is not None else config.server.data_dir
         self.options = options or parse_opcua_config(config, self.data_dir)
 
@@ -472,12 +528,13 @@ class OpcUaServer:
         self._server: AdapterUaServer | None = None
         self._access: Access | None = None
         self._stations: dict[str, _StationNodes] = {}
-        self._heartbeat_node: ua.NodeId | None = None
-        self._last: dict[ua.NodeId, object] = {}
+        self._pumps: list[dict[str, Variable] | None] = []
+        self._heartbeat: Variable | None = None
 
-        self._dirty: set[str] = set()
+        self._pump_nodes: dict[tuple[str, str], dict[str, Variable]] = {}
+        self._dirty_pumps: set[tuple[str, str]] = set()
+        self._dirty_stations: set[str] = set()
         self._dirty_all = False
-        self._by_index: dict[int, dict[str, ua.NodeId]] = {}
         self._seen: tuple[Any, Any, Any] | None = None
         self.full_refresh = FULL_REFRESH
         self._wake = asyncio.Event()
@@ -491,11 +548,15 @@ class OpcUaServer:
         self.update_errors = 0
         self.last_update_error: str | None = None
         self.last_update_at: dt.datetime | None = None
+        self.build_seconds = 0.0
 
     # Life cycle.
 
     async def start(self) -> None:
-        """Load or create the certificates, build the address space, listen."""
+        """Load or create the certificates, build the address space, listen.
+
+        Port 0 listens on a free port; :attr:`endpoint` then names it.
+        """
         if not self.options.enabled:
             logger.info("opc ua server disabled by the configuration")
             return
@@ -503,11 +564,17 @@ class OpcUaServer:
             return
 
         started = time.monotonic()
-        await asyncio.to_thread(self._prepare_certificates)
-        server = await self._build_server()
+        sock = self._bind_free_port() if self.options.port == 0 else None
+        try:
+            await asyncio.to_thread(self._prepare_certificates)
+            server = await self._build_server()
+        except BaseException:
+            if sock is not None:
+                sock.close()
+            raise
 
         try:
-            await server.start()
+            await server.start(sock=sock)
         except OSError as exc:
             await self._discard(server)
             raise OpcUaError(_listen_error(self.options, exc)) from exc
@@ -520,14 +587,34 @@ class OpcUaServer:
         self._task = asyncio.create_task(self._update_forever(), name="opcua-updates")
         self._running = True
         logger.info(
-            "opc ua server listening on %s (%s; %s%s%s) in %.1f s",
+            "opc ua server listening on %s (%s; %s%s%s; %d stations, %d pumps) "
+            "in %.1f s",
             self.options.endpoint,
             ", ".join(self.options.security_policies),
             ", ".join(self.options.security_modes),
             "; anonymous allowed" if self.options.allow_anonymous else "",
             "; none endpoint" if self.options.allow_none_endpoint else "",
+            len(self._stations),
+            sum(1 for pump in self._pumps if pump is not None),
             time.monotonic() - started,
         )
+
+    def _bind_free_port(self) -> socket.socket:
+        options = self.options
+        try:
+            sock = bind_socket(options.host, 0)
+        except OSError as exc:
+            raise OpcUaError(_listen_error(options, exc)) from exc
+
+        port = int(sock.getsockname()[1])
+        parts = urlsplit(options.endpoint)
+        path = parts.path if parts.path not in ("", "/") else ""
+        self.options = dataclasses.replace(
+            options,
+            port=port,
+            endpoint=f"opc.tcp://{_url_host(options.host)}:{port}{path}",
+        )
+        return sock
 
     async def stop(self) -> None:
         """Stop the updates, close every session and the listening socket."""
@@ -614,6 +701,7 @@ class OpcUaServer:
             policy_uris=policy_uris,
             allow_none=options.allow_none_endpoint,
             allow_anonymous=options.allow_anonymous,
+            storage=self.storage,
         )
         server = AdapterUaServer(access, options.min_publishing_interval_ms)
         self._access = access
@@ -640,87 +728,71 @@ class OpcUaServer:
         server.set_identity_tokens(tokens)
 
         self.namespace_index = await server.register_namespace(NAMESPACE_URI)
+        started = time.monotonic()
         await self._build_address_space(server)
+        self.build_seconds = time.monotonic() - started
         return server
 
-    def _node_id(self, path: str) -> ua.NodeId:
-        return ua.NodeId(path, self.namespace_index)  # type: ignore[arg-type]
-
-    def _name(self, name: str) -> ua.QualifiedName:
-        return ua.QualifiedName(name, self.namespace_index)
-
     async def _build_address_space(self, server: AdapterUaServer) -> None:
-        objects = server.nodes.objects
-        stations = await objects.add_folder(
-            self._node_id("PumpStations"), self._name("PumpStations")
+        aspace = server.iserver.aspace
+        build = Builder(aspace, self.namespace_index)
+        objects = numeric_node_id(ObjectIds.ObjectsFolder)
+        stations = build.folder(
+            objects, "PumpStations", "PumpStations", "the pump stations"
         )
-        system = await objects.add_object(self._node_id("System"), self._name("System"))
-        heartbeat = await self._variables(
+        system = build.object(objects, "System", "System", "the adapter")
+        heartbeat = build.variables(
             system,
             "System",
             (("Heartbeat", _UINT32, "+1 each second, wraps at 65535"),),
         )
-        self._heartbeat_node = heartbeat["Heartbeat"]
-        self._last = {}
-        await self._write(
-            server, self._heartbeat_node, self.engine.heartbeat & 0xFFFFFFFF, _UINT32
-        )
+        self._heartbeat = heartbeat["Heartbeat"]
+        values = Values()
+        await write(aspace, self._heartbeat, self.engine.heartbeat & 0xFFFFFFFF, values)
 
         self._stations = {}
-        self._by_index = {}
+        self._pumps = [None] * self.engine.gate.n_pumps
+        self._pump_nodes = {}
         self._seen = None
         for view in self.engine.stations():
-            nodes = await self._build_station(stations, view)
-            await self._write_station(server, nodes, view)
+            nodes = self._build_station(build, stations, view)
+            for variable, value in _station_values(nodes, view):
+                await write(aspace, variable, value, values)
             self._stations[view.station_id] = nodes
 
-    async def _build_station(self, parent: Node, view: StationView) -> _StationNodes:
+            node = server.get_node(nodes.node_id)
+            await self._method(node, view.station_id, activate=True)
+            await self._method(node, view.station_id, activate=False)
+            await asyncio.sleep(0)
+
+    def _build_station(
+        self, build: Builder, parent: ua.NodeId, view: StationView
+    ) -> _StationNodes:
         base = f"PumpStations/{view.station_id}"
-        station = await parent.add_object(
-            self._node_id(base), self._name(view.station_id)
-        )
-        await _describe(station, view.name)
+        station = build.object(parent, base, view.station_id, view.name)
         nodes = _StationNodes(
             view.station_id,
             view.unit_id,
-            await self._variables(station, base, STATION_VARIABLES),
+            station,
+            build.variables(station, base, STATION_VARIABLES),
             [],
         )
 
-        pumps = await station.add_folder(
-            self._node_id(f"{base}/Pumps"), self._name("Pumps")
-        )
+        pumps = build.folder(station, f"{base}/Pumps", "Pumps", "the pumps")
         for pump in view.pumps:
             path = f"{base}/Pumps/{pump.pump_id}"
-            node = await pumps.add_object(self._node_id(path), self._name(pump.pump_id))
-            await _describe(node, f"{pump.name} ({pump.units})")
-            variables = await self._variables(node, path, PUMP_VARIABLES)
+            node = build.object(
+                pumps, path, pump.pump_id, f"{pump.name} ({pump.units})"
+            )
+            variables = build.variables(node, path, PUMP_VARIABLES)
             nodes.pumps.append(variables)
             index = self.engine.pump_index(view.station_id, pump.pump_id)
-            self._by_index[index] = variables
-
-        await self._method(station, view.station_id, activate=True)
-        await self._method(station, view.station_id, activate=False)
+            self._pumps[index] = variables
+            self._pump_nodes[(view.station_id, pump.pump_id)] = variables
         return nodes
 
-    async def _variables(
-        self,
-        parent: Node,
-        base: str,
-        specs: Sequence[tuple[str, ua.VariantType, str]],
-    ) -> dict[str, ua.NodeId]:
-        made: dict[str, ua.NodeId] = {}
-        for name, kind, description in specs:
-            initial = False if kind == _BOOLEAN else 0.0 if kind == _DOUBLE else 0
-            node = await parent.add_variable(
-                self._node_id(f"{base}/{name}"),
-                self._name(name),
-                initial,
-                varianttype=kind,
-            )
-            await _describe(node, description)
-            made[name] = node.nodeid
-        return made
+    def _node_id(self, path: str) -> ua.NodeId:
+        return ua.NodeId(path, self.namespace_index)  # type: ignore[arg-type]
 
     async def _method(self, station: Node, station_id: str, *, activate: bool) -> None:
         name = "ActivateEmergencyStop" if activate else "ClearEmergencyStop"
@@ -745,7 +817,7 @@ class OpcUaServer:
 
         await station.add_method(
             self._node_id(f"PumpStations/{station_id}/{name}"),
-            self._name(name),
+            ua.QualifiedName(name, self.namespace_index),
             handler,
             [reason],
             [active],
@@ -809,7 +881,7 @@ class OpcUaServer:
             logger.warning("opc ua %s at station %r failed: %s", name, station_id, exc)
             return status(StatusCodes.BadInvalidArgument)
 
-        self._dirty.add(station_id)
+        self._dirty_stations.add(station_id)
         self._wake.set()
         return [ua.Variant(bool(stops.active), _BOOLEAN)]
 
@@ -819,76 +891,117 @@ class OpcUaServer:
         """Engine callback: mark what changed and wake the update task."""
         if event.station_id is None:
             self._dirty_all = True
+        elif event.pump_id is None:
+            self._dirty_stations.add(event.station_id)
         else:
-            self._dirty.add(event.station_id)
+            self._dirty_pumps.add((event.station_id, event.pump_id))
         self._wake.set()
 
     async def _update_forever(self) -> None:
         interval = self.options.update_interval_ms / 1000.0
-        next_full = time.monotonic() + self.full_refresh
+        now = time.monotonic()
+        next_pass = now
+        next_regular = now + interval
+        next_full = now + self.full_refresh
         while True:
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(interval):
-                    await self._wake.wait()
+            wait = next_regular - time.monotonic()
+            if wait > 0:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(wait):
+                        await self._wake.wait()
+            pause = next_pass - time.monotonic()
+            if pause > 0:
+                await asyncio.sleep(pause)
             self._wake.clear()
 
             started = time.monotonic()
             full = started >= next_full
             try:
-                await self.refresh(full=full)
+                busy = await self.refresh(full=full)
             except Exception as exc:
+                busy = time.monotonic() - started
                 self.update_errors += 1
                 if self.last_update_error != str(exc):
                     logger.exception("opc ua update failed; retrying")
                 self.last_update_error = str(exc)
 
+            next_pass = started + UPDATE_PACE * busy
+            next_regular = started + max(interval, UPDATE_PACE * busy)
             if full:
-                spent = time.monotonic() - started
-                next_full = started + max(self.full_refresh, FULL_REFRESH_SHARE * spent)
+                next_full = started + max(self.full_refresh, FULL_REFRESH_SHARE * busy)
 
-    async def refresh(self, *, full: bool = False) -> int:
-        """Write the values that changed; returns how many were written.
+    async def refresh(self, *, full: bool = False) -> float:
+        """Write the values that changed; returns the seconds spent working.
 
-        Every call compares the gate's arrays (applied, target, status) and
-        the stations' status registers with what the nodes hold, in bulk,
-        and writes the pumps and stations that differ. Stations marked by
-        an engine event are read whole (setpoint ages, outcomes); with
-        ``full``, every station is.
+        Every call writes what engine events marked (a pump, a station,
+        everything), then compares the gate's arrays (applied, target,
+        status) and the stations' status registers with what the nodes
+        hold, in bulk, and writes the pumps and stations that differ. With
+        ``full``, every station is read whole (setpoint ages, limits,
+        plans). Long runs yield to the event loop every
+        :data:`UPDATE_CHUNK` pumps; the time spent away is not counted.
         """
         server = self._server
         if server is None:
-            return 0
+            return 0.0
 
-        written = await self._refresh_pumps(server)
-        written += await self._refresh_station_bits(server)
+        run = _Run(server.iserver.aspace)
+        await self._write_marked(run)
+        await self._refresh_station_bits(run)
+        await self._refresh_pumps(run)
 
-        if full or self._dirty_all:
-            wanted = list(self._stations)
-        else:
-            wanted = [sid for sid in self._dirty if sid in self._stations]
-        self._dirty.clear()
-        self._dirty_all = False
-        for station_id in wanted:
-            view = self.engine.station(station_id)
-            written += await self._write_station(
-                server, self._stations[station_id], view
-            )
+        if full:
+            for station_id in list(self._stations):
+                await self._write_station(run, station_id)
+                await run.pause()
+                await self._write_marked(run)
 
-        if self._heartbeat_node is not None:
-            heartbeat = self.engine.heartbeat & 0xFFFFFFFF
-            written += await self._write(
-                server, self._heartbeat_node, heartbeat, _UINT32
-            )
+        if self._heartbeat is not None:
+            await run.write(self._heartbeat, self.engine.heartbeat & 0xFFFFFFFF)
 
+        run.stop_clock()
         self.updates += 1
-        self.writes += written
+        self.writes += run.written
         self.last_update_at = dt.datetime.now(dt.UTC)
         self.last_update_error = None
-        return written
+        return run.busy
 
-    async def _refresh_pumps(self, server: AdapterUaServer) -> int:
+    async def _write_marked(self, run: _Run) -> None:
+        if self._dirty_all:
+            self._dirty_all = False
+            self._dirty_pumps.clear()
+            self._dirty_stations.update(self._stations)
+
+        while self._dirty_pumps:
+            station_id, pump_id = self._dirty_pumps.pop()
+            nodes = self._pump_nodes.get((station_id, pump_id))
+            if nodes is None:
+                continue
+            pump = self.engine.pump(station_id, pump_id)
+            for variable, value in _pump_values(nodes, pump):
+                await run.write(variable, value)
+            await run.tick(1)
+
+        while self._dirty_stations:
+            station_id = self._dirty_stations.pop()
+            await self._write_station(run, station_id)
+            await run.pause()
+
+    async def _write_station(self, run: _Run, station_id: str) -> None:
+        nodes = self._stations.get(station_id)
+        if nodes is None:
+            return
+        view = self.engine.station(station_id)
+        for variable, value in _station_values(nodes, view):
+            await run.write(variable, value)
+
+    async def _refresh_pumps(self, run: _Run) -> None:
         gate = self.engine.gate
-        applied, target, status = gate.applied, gate.target, gate.status
+        applied, target, status = (
+            gate.applied.copy(),
+            gate.target.copy(),
+            gate.status.copy(),
+        )
         seen = self._seen
         changed: Iterable[int]
         if seen is None or len(seen[0]) != len(applied):
@@ -896,30 +1009,22 @@ class OpcUaServer:
         else:
             differs = (applied != seen[0]) | (target != seen[1]) | (status != seen[2])
             changed = np.flatnonzero(differs).tolist()
-        self._seen = (applied.copy(), target.copy(), status.copy())
+        self._seen = (applied, target, status)
 
-        written = 0
+        pumps = self._pumps
         for index in changed:
-            nodes = self._by_index.get(index)
+            nodes = pumps[index] if index < len(pumps) else None
             if nodes is None:
                 continue
             bits = int(status[index])
-            written += await self._write(
-                server, nodes["Setpoint"], float(applied[index]), _DOUBLE
-            )
-            written += await self._write(
-                server, nodes["Target"], float(target[index]), _DOUBLE
-            )
-            written += await self._write(
-                server, nodes["Status"], bits & 0xFFFF, _UINT16
-            )
-            ramping = bool(bits & STATUS_RAMPING)
-            written += await self._write(server, nodes["Ramping"], ramping, _BOOLEAN)
-        return written
+            await run.write(nodes["Setpoint"], float(applied[index]))
+            await run.write(nodes["Target"], float(target[index]))
+            await run.write(nodes["Status"], bits & 0xFFFF)
+            await run.write(nodes["Ramping"], bool(bits & STATUS_RAMPING))
+            await run.tick(1)
 
-    async def _refresh_station_bits(self, server: AdapterUaServer) -> int:
+    async def _refresh_station_bits(self, run: _Run) -> None:
         images = self.engine.images
-        written = 0
         for nodes in self._stations.values():
             image = images.get(nodes.unit_id)
             if image is None:
@@ -929,55 +1034,9 @@ class OpcUaServer:
                 continue
             nodes.bits = bits
             variables = nodes.variables
-            flags = (
-                ("EmergencyStop", codecs.STATION_ESTOP),
-                ("Failsafe", codecs.STATION_FAILSAFE),
-                ("PlanStale", codecs.STATION_PLAN_STALE),
-            )
-            for name, mask in flags:
-                written += await self._write(
-                    server, variables[name], bool(bits & mask), _BOOLEAN
-                )
-            written += await self._write(
-                server, variables["Status"], bits & 0xFFFF, _UINT16
-            )
-        return written
-
-    async def _write_station(
-        self, server: AdapterUaServer, nodes: _StationNodes, view: StationView
-    ) -> int:
-        written = 0
-        for node_id, value, kind in _station_values(nodes, view):
-            written += await self._write(server, node_id, value, kind)
-        return written
-
-    async def _write(
-        self,
-        server: AdapterUaServer,
-        node_id: ua.NodeId,
-        value: object,
-        kind: ua.VariantType,
-    ) -> int:
-        if self._last.get(node_id, _MISSING) == value:
-            return 0
-
-        now: Any = dt.datetime.now(dt.UTC)
-        if value is None:
-            data = ua.DataValue(
-                StatusCode=_NO_DATA, SourceTimestamp=now, ServerTimestamp=now
-            )
-        else:
-            data = ua.DataValue(
-                ua.Variant(value, kind), SourceTimestamp=now, ServerTimestamp=now
-            )
-
-        result = await server.iserver.aspace.write_attribute_value(
-            node_id, AttributeIds.Value, data
-        )
-        if not result.is_good():
-            raise OpcUaError(f"writing {node_id.to_string()} failed: {result.name}")
-        self._last[node_id] = value
-        return 1
+            for name, mask in _STATION_FLAGS:
+                await run.write(variables[name], bool(bits & mask))
+            await run.write(variables["Status"], bits & 0xFFFF)
 
     # Health.
 
@@ -1024,6 +1083,7 @@ class OpcUaServer:
             "subscriptions": subscriptions,
             "refused_channels": access.refused_channels if access else 0,
             "refused_logins": access.refused_logins if access else 0,
+            "refused_requests": access.refused_requests if access else 0,
             "trusted_certificates": self.trust.size,
             "certificate_expires": expiry.isoformat() if expiry else None,
             "certificate_days_left": (
@@ -1047,12 +1107,6 @@ class OpcUaServer:
         data = self.health()
         state, detail = data.pop("state"), data.pop("detail")
         return ComponentHealth(state, detail, data, critical=self.options.enabled)
-
-
-async def _describe(node: Node, text: str) -> None:
-    await node.write_attribute(
-        AttributeIds.Description, ua.DataValue(ua.Variant(ua.LocalizedText(text)))
-    )
 
 
 def _reason(args: Sequence[object]) -> str | ua.StatusCode:

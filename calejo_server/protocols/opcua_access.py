@@ -14,10 +14,14 @@ adapter's rules into its message processing, in one place:
 - ActivateSession: a user name token is checked with
   :meth:`Security.check_password` (the adapter's users, roles, lockout,
   throttling and audit) before asyncua sees it; anonymous tokens only when
-  configured, as the ``viewer`` role.
+  configured, as the ``viewer`` role. A session that opens is audited as
+  LOGIN_SUCCESS (protocol OPCUA).
 - Every other request: allowed by kind (reading, browsing, subscribing,
   calling methods) and only while the user is active and its role grants
-  ``read_pump_status``; writes and node management are refused.
+  ``read_pump_status``; writes and node management are refused. The first
+  refusal of each kind of request in a session is audited as
+  ACCESS_DENIED; the rest are counted, so a client that keeps asking
+  cannot flood the audit log.
 
 The hooks replace asyncua's per-connection processor; they are exercised
 by the OPC UA tests with a real client, which is what guards them across
@@ -33,9 +37,12 @@ import asyncio
 import contextlib
 import contextvars
 import dataclasses
+import datetime as dt
 import logging
+import socket
+import weakref
 from collections.abc import Collection
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from asyncua import ua
 from asyncua.common.connection import TransportLimits
@@ -52,6 +59,7 @@ from asyncua.ua.status_codes import StatusCodes
 from asyncua.ua.ua_binary import struct_from_binary, uatcp_to_binary
 from asyncua.ua.uaerrors import UaError
 
+from calejo_server import audit
 from calejo_server.protocols.opcua_trust import Refusal, TrustList, first_certificate
 from calejo_server.security.directory import (
     AuthError,
@@ -61,6 +69,10 @@ from calejo_server.security.directory import (
     UnknownUser,
 )
 from calejo_server.security.roles import READ_PUMP_STATUS, VIEWER
+from calejo_server.storage.base import AuditRecord, StorageError
+
+if TYPE_CHECKING:
+    from calejo_server.storage.base import Storage
 
 logger = logging.getLogger(__name__)
 
@@ -81,6 +93,24 @@ def numeric_node_id(identifier: int) -> ua.NodeId:
 def status(code: int) -> ua.StatusCode:
     """An OPC UA status code (asyncua annotates its ints as its own type)."""
     return ua.StatusCode(code)  # type: ignore[arg-type]
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to ``host:port`` (0: a free port), not listening yet."""
+    family, kind, protocol, _, address = socket.getaddrinfo(
+        host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )[0]
+    sock = socket.socket(family, kind, protocol)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        sock.bind(address)
+    except OSError:
+        sock.close()
+        raise
+    sock.setblocking(False)
+    return sock
 
 
 def _ids(*names: str) -> frozenset[ua.NodeId]:
@@ -197,14 +227,20 @@ class Access(UserManager):
         policy_uris: Collection[str],
         allow_none: bool,
         allow_anonymous: bool,
+        storage: Storage | None = None,
     ) -> None:
         self.security = security
         self.trust = trust
+        self.storage = storage
         self.policy_uris = frozenset(policy_uris)
         self.allow_none = allow_none
         self.allow_anonymous = allow_anonymous
         self.refused_channels = 0
         self.refused_logins = 0
+        self.refused_requests = 0
+        self._refused: weakref.WeakKeyDictionary[Any, set[str]] = (
+            weakref.WeakKeyDictionary()
+        )
 
     # Channels.
 
@@ -337,7 +373,71 @@ class Access(UserManager):
         logger.info(
             "opc ua session of %r (%s) from %s", username, principal.role, address
         )
+        await self.record(
+            audit.LOGIN_SUCCESS,
+            username,
+            address,
+            details={"action": "session", "role": principal.role},
+        )
         return _Login(username, principal)
+
+    async def record(
+        self,
+        event_type: str,
+        user: str | None,
+        address: str | None,
+        *,
+        outcome: str | None = None,
+        details: dict[str, Any] | None = None,
+    ) -> None:
+        """Write one audit record of an OPC UA session (when storage is given)."""
+        if self.storage is None:
+            return
+        row = AuditRecord(
+            event_type=event_type,
+            severity=audit.severity_of(event_type),
+            timestamp=dt.datetime.now(dt.UTC),
+            user=user,
+            source_address=address,
+            protocol=PROTOCOL,
+            outcome=outcome,
+            details=details or {},
+        )
+        try:
+            await self.storage.write([row])
+        except StorageError as exc:
+            logger.error("opc ua: could not record %s: %s", event_type, exc)
+
+    async def refused_request(
+        self, session: Any, typeid: ua.NodeId, address: str | None
+    ) -> None:
+        """Count a refused request; audit the first of its kind in a session."""
+        self.refused_requests += 1
+        service = _service_name(typeid)
+        seen = self._refused.setdefault(session, set())
+        if service in seen:
+            return
+        seen.add(service)
+
+        user = getattr(session, "user", None)
+        username = user.username if isinstance(user, SessionUser) else None
+        logger.warning(
+            "opc ua %s refused for %s from %s",
+            service,
+            repr(username) if username else "an anonymous session",
+            address,
+        )
+        await self.record(
+            audit.ACCESS_DENIED,
+            username,
+            address,
+            outcome="denied",
+            details={
+                "reason": "not permitted for the session's user",
+                "method": service,
+                "path": "session",
+            },
+        )
 
     async def _refuse(self, address: str | None, reason: str) -> None:
         self.refused_logins += 1
@@ -536,7 +636,10 @@ class _Processor(UaProcessor):
         if typeid == ACTIVATE_SESSION:
             return await self._activate(typeid, requesthdr, seqhdr, body)
 
-        if typeid == CALL:
+        try:
+            if typeid != CALL:
+                return await super()._process_message(typeid, requesthdr, seqhdr, body)
+
             user = self.session.user if self.session is not None else None
             caller = Caller(
                 user if isinstance(user, SessionUser) else None, self.address
@@ -546,8 +649,10 @@ class _Processor(UaProcessor):
                 return await super()._process_message(typeid, requesthdr, seqhdr, body)
             finally:
                 _CALLER.reset(token)
-
-        return await super()._process_message(typeid, requesthdr, seqhdr, body)
+        except ua.uaerrors.BadUserAccessDenied:
+            if self.session is not None:
+                await self._access.refused_request(self.session, typeid, self.address)
+            raise
 
     async def _activate(
         self, typeid: ua.NodeId, requesthdr: Any, seqhdr: Any, body: Buffer
@@ -592,6 +697,19 @@ class _BinaryServer(BinaryServer):
     ) -> None:
         super().__init__(iserver, hostname or "", port or 0, limits)
         self.access = access
+        self.sock: socket.socket | None = None
+
+    async def start(self) -> None:
+        """Listen on :attr:`sock` when one is given, else as asyncua does."""
+        sock, self.sock = self.sock, None
+        if sock is None:
+            await super().start()
+            return
+
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(self._make_protocol, sock=sock)
+        self.hostname, self.port = sock.getsockname()[:2]
+        self.cleanup_task = asyncio.create_task(self._close_task_loop())
 
     def _make_protocol(self) -> OPCUAProtocol:
         protocol = _Protocol(
@@ -621,18 +739,32 @@ class AdapterUaServer(Server):
         self.iserver.subscription_service = subscriptions
         self.iserver.isession.subscription_service = subscriptions
 
-    async def start(self) -> None:
+    async def start(self, sock: socket.socket | None = None) -> None:
+        """Listen on ``sock`` (bound, not listening) or on the endpoint's port."""
         await self._setup_server_nodes()
         await self.iserver.start()
 
         host, port = self._get_bind_socket_info()
         self.bserver = _BinaryServer(self.iserver, host, port, self.limits, self.access)
         self.bserver.set_policies(self._policies)
+        self.bserver.sock = sock
         try:
             await self.bserver.start()
         except BaseException:
+            if sock is not None:
+                sock.close()
             await self.iserver.stop()
             raise
+
+    async def stop(self) -> None:
+        """asyncua's stop, without waiting up to a second for its clock task."""
+        task = self.iserver.time_task
+        if task is not None:
+            self.iserver.time_task = None
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await super().stop()
 
     def sessions(self) -> tuple[int, int]:
         """Open connections and activated sessions."""
@@ -646,6 +778,21 @@ class AdapterUaServer(Server):
             if session is not None and session.is_activated():
                 active += 1
         return len(clients), active
+
+
+_SUFFIX = "Request_Encoding_DefaultBinary"
+_SERVICES = {
+    value: name.removesuffix(_SUFFIX)
+    for name, value in vars(ObjectIds).items()
+    if name.endswith(_SUFFIX) and isinstance(value, int)
+}
+
+
+def _service_name(typeid: ua.NodeId) -> str:
+    identifier = typeid.Identifier
+    if typeid.NamespaceIndex == 0 and isinstance(identifier, int):
+        return _SERVICES.get(identifier, f"request {identifier}")
+    return f"request {typeid.to_string()}"
 
 
 def _status(name: str) -> int:

@@ -18,7 +18,7 @@ import datetime as dt
 import logging
 import re
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Protocol
 
 from calejo_server import audit
@@ -281,6 +281,7 @@ class Security:
         self._lock = asyncio.Lock()
         self._dummy_hash = ""
         self._sweeper: asyncio.Task[None] | None = None
+        self._listeners: list[Callable[[AuditRecord], None]] = []
 
     # -- life cycle ----------------------------------------------------------
 
@@ -311,6 +312,32 @@ class Security:
         logger.info(
             "security: %d user(s), %d live token(s)", len(self._users), len(self.tokens)
         )
+
+    def add_listener(
+        self, callback: Callable[[AuditRecord], None]
+    ) -> Callable[[], None]:
+        """Call ``callback`` with each ACCOUNT_LOCKED and SOURCE_THROTTLED record.
+
+        It runs synchronously on the event loop when the lockout or the
+        block takes effect, and must not block. Returns its remover.
+        """
+        self._listeners.append(callback)
+
+        def remove() -> None:
+            with contextlib.suppress(ValueError):
+                self._listeners.remove(callback)
+
+        return remove
+
+    def _tell(self, record: AuditRecord) -> AuditRecord:
+        for callback in tuple(self._listeners):
+            try:
+                callback(record)
+            except Exception:
+                logger.exception(
+                    "security listener %r failed on %s", callback, record.event_type
+                )
+        return record
 
     def _load(self, snapshot: Snapshot) -> None:
         for record in snapshot.roles:
@@ -628,16 +655,14 @@ class Security:
             _iso(until),
             failed,
         )
-        return [
-            updated,
-            self._audit(
-                audit.ACCOUNT_LOCKED,
-                user=user.username,
-                source=source,
-                protocol=protocol,
-                details={"failed_logins": failed, "locked_until": _iso(until)},
-            ),
-        ]
+        locked = self._audit(
+            audit.ACCOUNT_LOCKED,
+            user=user.username,
+            source=source,
+            protocol=protocol,
+            details={"failed_logins": failed, "locked_until": _iso(until)},
+        )
+        return [updated, self._tell(locked)]
 
     def _throttled_record(self, source: str | None, protocol: str) -> AuditRecord:
         logger.warning(
@@ -648,7 +673,7 @@ class Security:
             self.throttle.limit,
             self.throttle.window,
         )
-        return self._audit(
+        throttled = self._audit(
             audit.SOURCE_THROTTLED,
             user=None,
             source=source,
@@ -659,6 +684,7 @@ class Security:
                 "blocked_seconds": self.throttle.block,
             },
         )
+        return self._tell(throttled)
 
     async def deny(
         self,

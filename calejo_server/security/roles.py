@@ -17,6 +17,8 @@ CLEAR_EMERGENCY_STOP = "clear_emergency_stop"
 VIEW_AUDIT_LOG = "view_audit_log"
 MANAGE_USERS = "manage_users"
 MANAGE_ROLES = "manage_roles"
+VIEW_ALERTS = "view_alerts"
+MANAGE_ALERTS = "manage_alerts"
 
 PERMISSIONS: tuple[str, ...] = (
     READ_PUMP_STATUS,
@@ -26,6 +28,8 @@ PERMISSIONS: tuple[str, ...] = (
     VIEW_AUDIT_LOG,
     MANAGE_USERS,
     MANAGE_ROLES,
+    VIEW_ALERTS,
+    MANAGE_ALERTS,
 )
 """Every permission name, in a stable order."""
 
@@ -43,10 +47,11 @@ DEFAULT_ROLES: dict[str, tuple[str, ...]] = {
         EMERGENCY_STOP,
         CLEAR_EMERGENCY_STOP,
         VIEW_AUDIT_LOG,
+        VIEW_ALERTS,
     ),
     OPTIMIZER: (READ_PUMP_STATUS, WRITE_SETPOINTS),
-    VIEWER: (READ_PUMP_STATUS,),
-    AUDITOR: (READ_PUMP_STATUS, VIEW_AUDIT_LOG),
+    VIEWER: (READ_PUMP_STATUS, VIEW_ALERTS),
+    AUDITOR: (READ_PUMP_STATUS, VIEW_AUDIT_LOG, VIEW_ALERTS),
 }
 """The roles and what they grant on a new installation."""
 

@@ -144,6 +144,52 @@ class RoleRecord:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
+class AlertRecord:
+    """One alert and what became of its deliveries (one row per alert, replaced).
+
+    ``repeat_count`` counts the repeats suppressed into this alert after it
+    was raised; ``deliveries`` maps each channel to its status and attempts
+    (see :mod:`calejo_server.alerts`).
+    """
+
+    alert_id: str
+    kind: str
+    severity: Severity
+    summary: str
+    station_id: str | None
+    pump_id: str | None
+    first_raised: dt.datetime
+    last_raised: dt.datetime
+    repeat_count: int
+    details: dict[str, Any]
+    deliveries: dict[str, Any]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class AlertRow:
+    """An alert as stored, with its place in the order alerts were raised."""
+
+    seq: int
+    record: AlertRecord
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class AlertQuery:
+    """Filters for reading alerts, newest first; all optional.
+
+    ``since`` keeps alerts last raised at or after it; ``before_seq`` pages
+    back from the previous page's last ``seq``.
+    """
+
+    severity: Severity | None = None
+    kind: str | None = None
+    since: dt.datetime | None = None
+    station_id: str | None = None
+    before_seq: int | None = None
+    limit: int = 100
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
 class TokenRecord:
     """A bearer token, by the SHA-256 of its secret; never the secret."""
 
@@ -164,6 +210,7 @@ Record = (
     | UserRecord
     | RoleRecord
     | TokenRecord
+    | AlertRecord
 )
 
 
@@ -259,6 +306,10 @@ class Storage(abc.ABC):
     @abc.abstractmethod
     async def audit_verify(self) -> ChainVerdict:
         """Walk the whole chain; name the first row that breaks it."""
+
+    @abc.abstractmethod
+    async def alerts_query(self, query: AlertQuery) -> list[AlertRow]:
+        """Alerts matching ``query``, newest first, before ``before_seq``."""
 
     @abc.abstractmethod
     def health(self) -> StorageHealth:

@@ -28,6 +28,9 @@ from asyncpg.pool import PoolConnectionProxy
 
 from calejo_server import audit
 from calejo_server.storage.base import (
+    AlertQuery,
+    AlertRecord,
+    AlertRow,
     AuditQuery,
     AuditRecord,
     AuditRow,
@@ -138,7 +141,23 @@ _UPSERTS: dict[type[Any], str] = {
         "user_id = excluded.user_id, created_at = excluded.created_at, "
         "expires_at = excluded.expires_at, revoked = excluded.revoked"
     ),
+    AlertRecord: (
+        "INSERT INTO alerts (alert_id, kind, severity, summary, station_id, "
+        "pump_id, first_raised, last_raised, repeat_count, details, deliveries) "
+        "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10::jsonb, $11::jsonb) "
+        "ON CONFLICT (alert_id) DO UPDATE SET kind = excluded.kind, "
+        "severity = excluded.severity, summary = excluded.summary, "
+        "station_id = excluded.station_id, pump_id = excluded.pump_id, "
+        "first_raised = excluded.first_raised, last_raised = excluded.last_raised, "
+        "repeat_count = excluded.repeat_count, details = excluded.details, "
+        "deliveries = excluded.deliveries"
+    ),
 }
+
+_ALERT_COLUMNS = (
+    "seq, alert_id, kind, severity, summary, station_id, pump_id, first_raised, "
+    "last_raised, repeat_count, details, deliveries"
+)
 
 _REJECTED_ERRORS = (
     asyncpg.DataError,
@@ -228,6 +247,20 @@ def _state_row(record: Record) -> tuple[Any, ...]:
             record.expires_at,
             bool(record.revoked),
         )
+    if isinstance(record, AlertRecord):
+        return (
+            record.alert_id,
+            record.kind,
+            record.severity,
+            record.summary,
+            record.station_id,
+            record.pump_id,
+            record.first_raised,
+            record.last_raised,
+            record.repeat_count,
+            _json_text(record.details),
+            _json_text(record.deliveries),
+        )
     raise TypeError(f"expected a state record, got {type(record).__name__}")
 
 
@@ -248,6 +281,23 @@ def _audit_row(row: asyncpg.Record) -> AuditRow:
         details=json.loads(row[13]),
     )
     return AuditRow(id=row[0], record=record, prev_hash=row[14], hash=row[15])
+
+
+def _alert_row(row: asyncpg.Record) -> AlertRow:
+    record = AlertRecord(
+        alert_id=row[1],
+        kind=row[2],
+        severity=row[3],
+        summary=row[4],
+        station_id=row[5],
+        pump_id=row[6],
+        first_raised=row[7],
+        last_raised=row[8],
+        repeat_count=row[9],
+        details=json.loads(row[10]),
+        deliveries=json.loads(row[11]),
+    )
+    return AlertRow(seq=row[0], record=record)
 
 
 def describe_error(exc: BaseException, timeout: float) -> str:
@@ -319,6 +369,11 @@ class PostgresStorage(DurableStorage):
 
     def where(self) -> str:
         return f"postgresql at {self.host}:{self.port}/{self.database}"
+
+    @property
+    def dsn(self) -> str:
+        """The connection string used, with the database name filled in."""
+        return self._dsn
 
     def _describe(self, exc: BaseException) -> str:
         return describe_error(exc, self._command_timeout)
@@ -697,6 +752,22 @@ class PostgresStorage(DurableStorage):
             raise self._read_failed(exc) from exc
         return [_audit_row(row) for row in rows]
 
+    async def alerts_query(self, query: AlertQuery) -> list[AlertRow]:
+        pool = self._reader_pool()
+        where, params = _alert_filter(query)
+        limit = max(1, min(query.limit, MAX_QUERY_ROWS))
+        params.append(limit)
+        sql = (
+            f"SELECT {_ALERT_COLUMNS} FROM alerts WHERE {where} "
+            f"ORDER BY seq DESC LIMIT ${len(params)}"
+        )
+        try:
+            async with asyncio.timeout(self._connect_timeout + self._command_timeout):
+                rows = await pool.fetch(sql, *params)
+        except _UNAVAILABLE_ERRORS as exc:
+            raise self._read_failed(exc) from exc
+        return [_alert_row(row) for row in rows]
+
     async def audit_iter(
         self, since: dt.datetime | None = None
     ) -> AsyncIterator[AuditRow]:
@@ -778,6 +849,28 @@ def _audit_filter(query: AuditQuery) -> tuple[str, list[Any]]:
         add("station_id = ?", query.station_id)
     if query.user is not None:
         add("user_name = ?", query.user)
+    return " AND ".join(clauses), params
+
+
+def _alert_filter(query: AlertQuery) -> tuple[str, list[Any]]:
+    """The WHERE clause and its parameters ($1, $2, ...) for ``query``."""
+    clauses = ["TRUE"]
+    params: list[Any] = []
+
+    def add(clause: str, value: Any) -> None:
+        params.append(value)
+        clauses.append(clause.replace("?", f"${len(params)}"))
+
+    if query.before_seq is not None:
+        add("seq < ?", query.before_seq)
+    if query.severity is not None:
+        add("severity = ?", query.severity)
+    if query.kind is not None:
+        add("kind = ?", query.kind)
+    if query.since is not None:
+        add("last_raised >= ?", _aware(query.since))
+    if query.station_id is not None:
+        add("station_id = ?", query.station_id)
     return " AND ".join(clauses), params
 
 

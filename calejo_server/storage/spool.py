@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from calejo_server.storage.base import (
+    AlertRecord,
     AuditRecord,
     EmergencyStopRecord,
     PlanRecord,
@@ -47,6 +48,7 @@ RECORD_TYPES: dict[str, type[Any]] = {
     "user": UserRecord,
     "role": RoleRecord,
     "token": TokenRecord,
+    "alert": AlertRecord,
 }
 """The tag of each record type in a spool line."""
 

@@ -23,6 +23,9 @@ from typing import Any, TypeVar
 
 from calejo_server import audit
 from calejo_server.storage.base import (
+    AlertQuery,
+    AlertRecord,
+    AlertRow,
     AuditQuery,
     AuditRecord,
     AuditRow,
@@ -125,7 +128,23 @@ _UPSERTS: dict[type[Any], str] = {
         "user_id = excluded.user_id, created_at = excluded.created_at, "
         "expires_at = excluded.expires_at, revoked = excluded.revoked"
     ),
+    AlertRecord: (
+        "INSERT INTO alerts (alert_id, kind, severity, summary, station_id, "
+        "pump_id, first_raised, last_raised, repeat_count, details, deliveries) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+        "ON CONFLICT (alert_id) DO UPDATE SET kind = excluded.kind, "
+        "severity = excluded.severity, summary = excluded.summary, "
+        "station_id = excluded.station_id, pump_id = excluded.pump_id, "
+        "first_raised = excluded.first_raised, last_raised = excluded.last_raised, "
+        "repeat_count = excluded.repeat_count, details = excluded.details, "
+        "deliveries = excluded.deliveries"
+    ),
 }
+
+_ALERT_COLUMNS = (
+    "seq, alert_id, kind, severity, summary, station_id, pump_id, first_raised, "
+    "last_raised, repeat_count, details, deliveries"
+)
 
 _REJECTED_ERRORS = (
     sqlite3.IntegrityError,
@@ -224,6 +243,20 @@ def _state_row(record: Record) -> tuple[Any, ...]:
             _text_time(record.expires_at),
             int(record.revoked),
         )
+    if isinstance(record, AlertRecord):
+        return (
+            record.alert_id,
+            record.kind,
+            record.severity,
+            record.summary,
+            record.station_id,
+            record.pump_id,
+            _text_time(record.first_raised),
+            _text_time(record.last_raised),
+            record.repeat_count,
+            _json_text(record.details),
+            _json_text(record.deliveries),
+        )
     raise TypeError(f"expected a state record, got {type(record).__name__}")
 
 
@@ -244,6 +277,23 @@ def _audit_row(row: Sequence[Any]) -> AuditRow:
         details=json.loads(row[13]),
     )
     return AuditRow(id=row[0], record=record, prev_hash=row[14], hash=row[15])
+
+
+def _alert_row(row: Sequence[Any]) -> AlertRow:
+    record = AlertRecord(
+        alert_id=row[1],
+        kind=row[2],
+        severity=row[3],
+        summary=row[4],
+        station_id=row[5],
+        pump_id=row[6],
+        first_raised=_time(row[7]),
+        last_raised=_time(row[8]),
+        repeat_count=row[9],
+        details=json.loads(row[10]),
+        deliveries=json.loads(row[11]),
+    )
+    return AlertRow(seq=row[0], record=record)
 
 
 def split_script(script: str) -> list[str]:
@@ -647,6 +697,21 @@ class SQLiteStorage(DurableStorage):
         )
         return [_audit_row(row) for row in cursor]
 
+    async def alerts_query(self, query: AlertQuery) -> list[AlertRow]:
+        sql, params = _alert_filter(query)
+        limit = max(1, min(query.limit, MAX_QUERY_ROWS))
+        return await self._read(self._select_alerts, sql, [*params, limit])
+
+    def _select_alerts(
+        self, con: sqlite3.Connection, where: str, params: list[Any]
+    ) -> list[AlertRow]:
+        cursor = con.execute(
+            f"SELECT {_ALERT_COLUMNS} FROM alerts WHERE {where} "
+            "ORDER BY seq DESC LIMIT ?",
+            params,
+        )
+        return [_alert_row(row) for row in cursor]
+
     async def audit_iter(
         self, since: dt.datetime | None = None
     ) -> AsyncIterator[AuditRow]:
@@ -728,4 +793,26 @@ def _audit_filter(query: AuditQuery) -> tuple[str, list[Any]]:
     if query.user is not None:
         clauses.append("user_name = ?")
         params.append(query.user)
+    return " AND ".join(clauses), params
+
+
+def _alert_filter(query: AlertQuery) -> tuple[str, list[Any]]:
+    """The WHERE clause and its parameters for ``query`` (ISO text times)."""
+    clauses = ["1 = 1"]
+    params: list[Any] = []
+    if query.before_seq is not None:
+        clauses.append("seq < ?")
+        params.append(query.before_seq)
+    if query.severity is not None:
+        clauses.append("severity = ?")
+        params.append(query.severity)
+    if query.kind is not None:
+        clauses.append("kind = ?")
+        params.append(query.kind)
+    if query.since is not None:
+        clauses.append("last_raised >= ?")
+        params.append(audit.iso_utc(query.since))
+    if query.station_id is not None:
+        clauses.append("station_id = ?")
+        params.append(query.station_id)
     return " AND ".join(clauses), params

@@ -191,7 +191,7 @@ def test_empty_environment_variables_count_as_unset(tmp_path: Path) -> None:
     ("variable", "value", "expected"),
     [
         ("CALEJO_HTTP_PORT", "http", "an integer from 1 to 65535"),
-        ("CALEJO_MODBUS_PORT", "70000", "an integer from 1 to 65535"),
+        ("CALEJO_MODBUS_PORT", "70000", "an integer from 0 to 65535"),
         ("CALEJO_BIND", "not a host!", "an IP address or host name"),
         ("DATABASE_URL", "mysql://x", "a URL starting sqlite://"),
     ],

@@ -3,7 +3,15 @@
 from __future__ import annotations
 
 from calejo_server.api.endpoint import Endpoint
-from calejo_server.api.routes import audit, auth, plans, stations, system, users
+from calejo_server.api.routes import (
+    alerts,
+    audit,
+    auth,
+    plans,
+    stations,
+    system,
+    users,
+)
 
 
 def all_endpoints() -> list[Endpoint]:
@@ -15,6 +23,7 @@ def all_endpoints() -> list[Endpoint]:
         *stations.ENDPOINTS,
         *plans.ENDPOINTS,
         *audit.ENDPOINTS,
+        *alerts.ENDPOINTS,
     ]
 
 

@@ -119,7 +119,8 @@ ENDPOINTS = [
         answers=((503, models.HEALTH_DETAILED),),
         description=(
             "storage, engine (tick lag), watchdog (per station), modbus, opcua, "
-            "alerts (not_configured until they run)."
+            "alerts (not_configured until they run), certificates (days left "
+            "of the CA and of the OPC UA and REST certificates in use)."
         ),
         operation_id="healthDetailed",
     ),

@@ -28,6 +28,7 @@ import uvicorn
 import uvloop
 import yaml
 
+from calejo_server.alerts import AlertService, AlertSettings
 from calejo_server.api import HealthRegistry, create_app
 from calejo_server.api.app import SECURITY_HEADERS, lifespan_of
 from calejo_server.api.endpoint import Endpoint
@@ -84,6 +85,7 @@ class ApiServer:
     engine: Engine
     clock: ManualClock | None
     secrets: dict[str, str]
+    alerts: AlertService
     tokens: dict[str, str] = dataclasses.field(default_factory=dict)
     users: dict[str, tuple[str, str, str]] = dataclasses.field(default_factory=dict)
 
@@ -206,8 +208,12 @@ def serve(
     passwords: Passwords | None = None,
     endpoints: list[Endpoint] | None = None,
     health: HealthRegistry | None = None,
+    alerts: AlertSettings | None = None,
 ) -> Iterator[ApiServer]:
-    """Run the API stack on a free port until the block ends."""
+    """Run the API stack on a free port until the block ends.
+
+    ``alerts``: the alert settings (default: no channel enabled).
+    """
     path = write_config(folder, stations=stations, security=security, engine=engine)
     config = load_config(path, environ={})
     data_dir = config.server.data_dir
@@ -219,6 +225,10 @@ def serve(
         clock=clock,
         passwords=passwords if passwords is not None else fast_passwords(),
     )
+    registry = health if health is not None else HealthRegistry()
+    alerts_ = AlertService(
+        alerts if alerts is not None else AlertSettings(), storage, health=registry
+    )
     secrets: dict[str, str] = {}
 
     async def start() -> None:
@@ -227,10 +237,14 @@ def serve(
         password = await security_.ensure_admin(None)
         assert password is not None
         secrets["admin"] = password
+        await alerts_.start()
+        alerts_.watch_security(security_)
+        alerts_.watch_engine(engine_)
         await engine_.start()
 
     async def stop() -> None:
         await engine_.stop()
+        await alerts_.stop()
         await security_.stop()
         await storage.close()
 
@@ -241,7 +255,8 @@ def serve(
         config=config,
         lifespan=lifespan_of(start, stop),
         endpoints=endpoints,
-        health=health,
+        health=registry,
+        alerts=alerts_,
     )
 
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -289,6 +304,7 @@ def serve(
             engine=engine_,
             clock=clock,
             secrets=secrets,
+            alerts=alerts_,
         )
     finally:
         client.close()

@@ -26,6 +26,8 @@ GRANTS: dict[str, set[str]] = {
         "view_audit_log",
         "manage_users",
         "manage_roles",
+        "view_alerts",
+        "manage_alerts",
     },
     "operator": {
         "read_pump_status",
@@ -33,10 +35,11 @@ GRANTS: dict[str, set[str]] = {
         "emergency_stop",
         "clear_emergency_stop",
         "view_audit_log",
+        "view_alerts",
     },
     "optimizer": {"read_pump_status", "write_setpoints"},
-    "viewer": {"read_pump_status"},
-    "auditor": {"read_pump_status", "view_audit_log"},
+    "viewer": {"read_pump_status", "view_alerts"},
+    "auditor": {"read_pump_status", "view_audit_log", "view_alerts"},
 }
 ANYONE = None
 TOKEN = "token"
@@ -115,7 +118,9 @@ def cases(admin_id: str, victim_id: str) -> list[Case]:
             f"{API}/roles/auditor",
             "manage_roles",
             200,
-            lambda: {"permissions": ["read_pump_status", "view_audit_log"]},
+            lambda: {
+                "permissions": ["read_pump_status", "view_audit_log", "view_alerts"]
+            },
         ),
         Case("GET", f"{API}/pump-stations", "read_pump_status", 200),
         Case("GET", station, "read_pump_status", 200),
@@ -156,6 +161,8 @@ def cases(admin_id: str, victim_id: str) -> list[Case]:
         ),
         Case("GET", f"{pump}/emergency-stop-status", "read_pump_status", 200),
         Case("GET", f"{API}/audit-log", "view_audit_log", 200),
+        Case("GET", f"{API}/alerts", "view_alerts", 200),
+        Case("POST", f"{API}/alerts/test", "manage_alerts", 200),
         Case("POST", f"{API}/auth/logout", TOKEN, 204),
         Case(
             "POST",

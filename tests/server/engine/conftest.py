@@ -95,6 +95,9 @@ class CountingStorage(Storage):
     async def audit_verify(self) -> Any:
         return await self.inner.audit_verify()
 
+    async def alerts_query(self, query: Any) -> Any:
+        return await self.inner.alerts_query(query)
+
     def health(self) -> Any:
         return self.inner.health()
 

@@ -140,6 +140,7 @@ def test_browse_paths_and_node_ids(harness: Any, adapter: Any) -> None:
                 "MaxRate",
                 "Ramping",
                 "SetpointAge",
+                "PlanId",
             }
 
             heartbeat = await objects.get_child([f"{ns}:System", f"{ns}:Heartbeat"])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import socket
 from pathlib import Path
 from typing import Any
@@ -53,6 +54,19 @@ def test_environment_overrides_a_configured_endpoint(tmp_path: Path) -> None:
 
     assert options.endpoint == "opc.tcp://10.0.0.7:5000/calejo"
     assert (options.host, options.port) == ("10.0.0.7", 5000)
+
+
+def test_port_zero_is_accepted_from_the_file_and_the_environment(
+    tmp_path: Path,
+) -> None:
+    config = config_from(tmp_path, {"server": {"opcua_port": 0}}, {})
+    assert parse_opcua_config(config, environ={}).port == 0
+
+    environ = {"CALEJO_OPCUA_PORT": "0"}
+    document = {"opcua": {"endpoint": "opc.tcp://127.0.0.1:4840"}}
+    config = config_from(tmp_path, document, environ)
+    options = parse_opcua_config(config, environ=environ)
+    assert (options.port, options.endpoint) == (0, "opc.tcp://127.0.0.1:0")
 
 
 def test_ipv6_bind_is_bracketed(tmp_path: Path) -> None:
@@ -242,6 +256,37 @@ def test_disabled_server_does_not_listen(opcua_harness: Any, open_adapter: Any) 
     assert server.health()["state"] == "not_configured"
     assert not server.health_check().critical
     opcua_harness.run(server.stop())
+
+
+def test_port_zero_listens_on_a_free_port_and_names_it(
+    opcua_harness: Any, open_adapter: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    document = {
+        "server": {"data_dir": str(open_adapter.data_dir)},
+        "opcua": {"endpoint": "opc.tcp://127.0.0.1:0", "allow_none_endpoint": True},
+    }
+    path = open_adapter.data_dir.parent / "free-port.yaml"
+    path.write_text(yaml.safe_dump(document))
+    config = load_config(path, environ={})
+    server = OpcUaServer(open_adapter.engine, open_adapter.security, config)
+
+    caplog.set_level(logging.INFO, logger="calejo_server.protocols.opcua")
+    opcua_harness.run(server.start(), timeout=60.0)
+    try:
+        port = server.options.port
+        assert port != 0
+        assert server.endpoint == f"opc.tcp://127.0.0.1:{port}"
+        assert server.addresses() == [server.endpoint]
+        assert f"opc ua server listening on {server.endpoint} " in caplog.text
+
+        async def endpoints() -> list[str]:
+            client = Client(server.endpoint, timeout=5)
+            found = await client.connect_and_get_server_endpoints()
+            return [endpoint.EndpointUrl for endpoint in found]
+
+        assert set(opcua_harness.run(endpoints())) == {server.endpoint}
+    finally:
+        opcua_harness.run(server.stop())
 
 
 def test_a_port_in_use_is_a_clear_error(opcua_harness: Any, open_adapter: Any) -> None:

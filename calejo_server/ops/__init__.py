@@ -1,0 +1,1 @@
+"""Operations: the commands and checks an operator runs beside the adapter."""
