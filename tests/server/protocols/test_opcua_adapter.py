@@ -428,3 +428,74 @@ def test_writes_are_refused_and_audited_once_per_session(
     ]
     assert len(writes) == 1
     assert (writes[0]["user"], writes[0]["protocol"]) == (SCADA, "OPCUA")
+
+
+def test_rest_changes_reach_modbus_and_opcua_alike(
+    running: Running, opcua_harness: Any
+) -> None:
+    """One adapter, three interfaces: a setpoint and an emergency stop sent
+    over REST are what a Modbus poller and an OPC UA subscriber both see."""
+    from pymodbus.client import AsyncModbusTcpClient
+
+    modbus_port = next(s for s in running.adapter.services if s.name == "modbus").port
+    pump = "PumpStations/north/Pumps/p1"
+    stop = {"reason": "both protocols", "operator": "tester"}
+
+    async def poll_modbus(modbus: AsyncModbusTcpClient) -> tuple[int, int, bool]:
+        registers = await modbus.read_holding_registers(100, count=4, device_id=1)
+        coils = await modbus.read_coils(0, count=2, device_id=1)
+        assert not registers.isError() and not coils.isError()
+        applied_x10, _, _, status = registers.registers
+        return applied_x10, status, bool(coils.bits[1])
+
+    async def scenario() -> None:
+        modbus = AsyncModbusTcpClient("127.0.0.1", port=modbus_port, timeout=5)
+        assert await modbus.connect()
+        client = await running.client()
+        try:
+            async with client:
+                ns = await client.get_namespace_index(NAMESPACE_URI)
+                changes = Changes()
+                subscription = await client.create_subscription(50, changes)
+                await subscription.subscribe_data_change(
+                    [client.get_node(ua.NodeId(f"{pump}/Setpoint", ns))]
+                )
+                answer = await asyncio.to_thread(
+                    running.http.put,
+                    "/pump-stations/north/pumps/p1/setpoint",
+                    json={"value": 43.5},
+                    headers=running.admin,
+                )
+                assert answer.status_code == 200, answer.text
+                await changes.until(f"{pump}/Setpoint", 43.5)
+                applied_x10, status, stopped = await poll_modbus(modbus)
+                assert (applied_x10, stopped) == (435, False)
+                assert not status & 1
+
+                answer = await asyncio.to_thread(
+                    running.http.post,
+                    "/pump-stations/north/emergency-stop",
+                    json=stop,
+                    headers=running.admin,
+                )
+                assert answer.status_code in (200, 201), answer.text
+                # The REST answer means the register image is already written.
+                applied_x10, status, stopped = await poll_modbus(modbus)
+                assert (applied_x10, stopped) == (0, True)
+                assert status & 1
+                await changes.until(f"{pump}/Setpoint", 0.0)
+
+                cleared = await asyncio.to_thread(
+                    running.http.request,
+                    "DELETE",
+                    "/pump-stations/north/emergency-stop",
+                    json=stop,
+                    headers=running.admin,
+                )
+                assert cleared.status_code == 200, cleared.text
+                assert (await poll_modbus(modbus))[2] is False
+                await subscription.delete()
+        finally:
+            modbus.close()
+
+    opcua_harness.run(scenario(), timeout=30.0)
