@@ -14,7 +14,7 @@ EXT_SOURCES := $(wildcard calejo_core/*.pyx calejo_core/*.pxd)
 PYTEST_ARGS ?=
 
 .PHONY: all venv build run test lint typecheck pytest test-debug bench fuzz \
-	dist clean test-tools
+	dist image clean test-tools
 
 all: build
 
@@ -90,6 +90,10 @@ fuzz: build
 dist: $(STAMP)
 	rm -rf dist
 	$(BIN)/python -m build --no-isolation --outdir dist .
+
+# The container image, built as the README builds a wheel (needs Docker).
+image:
+	docker build -f docker/Dockerfile -t calejo-control-adapter .
 
 clean:
 	rm -rf build dist .debug-build *.egg-info calejo_core/*.so calejo_core/*.c

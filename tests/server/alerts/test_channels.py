@@ -28,7 +28,7 @@ from calejo_server.alerts.signing import (
 )
 from tests.server.storage.conftest import run
 
-from .conftest import (
+from .stand_ins import (
     ACCOUNT_SID,
     AUTH_TOKEN,
     WEBHOOK_SECRET,

@@ -35,7 +35,7 @@ from calejo_server.storage import open_storage
 from calejo_server.storage.base import AlertQuery, AlertRow, AuditQuery, Storage
 from tests.server.storage.conftest import run
 
-from .conftest import (
+from .stand_ins import (
     HANG,
     HttpStandIn,
     SmtpServer,

@@ -36,6 +36,9 @@ from calejo_server.config import Config, load_config
 from calejo_server.engine import Engine, ManualClock
 from calejo_server.security import Passwords, Security
 from calejo_server.storage import open_storage
+from tests.server.alerts.stand_ins import http_stand_in  # for the alert tests
+
+__all__ = ["http_stand_in"]
 
 START_TIMEOUT = 20.0
 STOP_TIMEOUT = 10.0
