@@ -14,12 +14,24 @@ A change waits for the next publishing cycle, so both spread over one
 interval; the target is p99 within the interval + 2 ms. ``extra_info``
 holds ``p50_ms``, ``p99_ms``, ``max_ms``, the publishing interval and, for
 the adapter, how long the setpoint took to be acknowledged (``ack_p50_ms``,
-``ack_p99_ms``). The ``setpoint-ack`` group compares that acknowledgement
-with and without an OPC UA client subscribed to every pump, to show that
-subscriptions do not slow it. Run::
+``ack_p99_ms``).
+
+``rest-ack-opcua-subscriptions``: a whole adapter, ``calejo serve`` in a
+process of its own, acknowledges REST setpoint writes (``PUT
+.../setpoint``, one in flight, at random moments) first with no OPC UA
+client, then while a subscriber process holds 100 subscriptions over 4
+SignAndEncrypt sessions, each watching the setpoint, target and status of
+the pump being written and of 7 others at a 50 ms publishing interval, so
+every write reaches all 100. ``extra_info`` holds the acknowledgement
+``p50_ms``, ``p99_ms`` and ``max_ms`` of each case, the server's CPU per
+write (``server_cpu_ms_per_write``, the publishing included) and its share
+of a CPU while nobody writes (``server_idle_cpu_share``), the notifications
+the subscriber received and, with subscriptions, ``p99_ratio_to_alone``.
+Run::
 
     .venv/bin/pytest benchmarks/test_bench_opcua.py --benchmark-only \\
-        --benchmark-group-by=group --benchmark-columns=min,median,mean,max,rounds
+        --benchmark-group-by=group -p no:randomly \\
+        --benchmark-columns=min,median,mean,max,rounds
 """
 
 from __future__ import annotations
@@ -27,9 +39,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import json
+import os
 import random
 import socket
 import statistics
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Awaitable, Iterator
@@ -37,6 +53,7 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, TypeVar
 
+import httpx
 import pytest
 import uvloop
 import yaml
@@ -267,22 +284,10 @@ class Bench:
         seen = await asyncio.wait_for(arrived, WAIT)
         self._record("bare-asyncua", seen - started, 0.0)
 
-    async def ack_round(self, name: str) -> None:
-        value = self.next_value()
-        started = time.perf_counter()
-        await self.engine.set_setpoint("bench", "p1", value, CTX)
-        self._record(name, 0.0, time.perf_counter() - started)
-
     def _record(self, name: str, latency: float, ack: float) -> None:
         samples = self.samples.setdefault(name, Samples())
         samples.latency.append(latency)
         samples.ack.append(ack)
-
-    async def unsubscribe_all(self) -> None:
-        with contextlib.suppress(Exception):
-            await self.others.delete()
-        with contextlib.suppress(Exception):
-            await self.adapter_subscription.delete()
 
     async def close(self) -> None:
         while self._closers:
@@ -372,23 +377,304 @@ def test_bare_asyncua_write_to_notification(benchmark: Any, bench: Bench) -> Non
     print(f"\nbare asyncua: {figures}")
 
 
-@pytest.mark.benchmark(group="setpoint-ack")
-def test_setpoint_ack_with_opcua_subscribers(benchmark: Any, bench: Bench) -> None:
-    samples = _measure(
-        benchmark, bench, "ack-subscribed", lambda: bench.ack_round("ack-subscribed")
-    )
-    figures = percentiles(samples.ack)
-    benchmark.extra_info.update(figures)
-    benchmark.extra_info["monitored_items"] = PUMPS * 4 + 1
-    print(f"\nack with subscribers: {figures}")
+# -- REST acknowledgement with and without 100 OPC UA subscriptions -------------
+
+REPO = Path(__file__).resolve().parents[1]
+HERE = Path(__file__).resolve().parent
+SESSIONS = 4
+SUBSCRIPTIONS = 100
+ACK_ROUNDS = 300
+ADMIN_PASSWORD = "bench-opcua-passphrase-42"
+START_TIMEOUT = 120.0
+
+_acks: dict[str, list[float]] = {}
 
 
-@pytest.mark.benchmark(group="setpoint-ack")
-def test_setpoint_ack_without_opcua_subscribers(benchmark: Any, bench: Bench) -> None:
-    bench.run(bench.unsubscribe_all())
-    samples = _measure(
-        benchmark, bench, "ack-alone", lambda: bench.ack_round("ack-alone")
+async def _subscribe_many(
+    url: str, cert: str, key: str, password: str, done: asyncio.Event
+) -> dict[str, int]:
+    """SUBSCRIPTIONS subscriptions over SESSIONS sessions, until ``done``."""
+    counts = {"notifications": 0, "subscriptions": 0}
+
+    class Count:
+        def datachange_notification(self, node: Any, value: Any, data: Any) -> None:
+            counts["notifications"] += 1
+
+    clients = []
+    try:
+        for _ in range(SESSIONS):
+            client = Client(url, timeout=WAIT * 4)
+            client.application_uri = "urn:bench:client"
+            await client.set_security_string(
+                f"Basic256Sha256,SignAndEncrypt,{cert},{key}"
+            )
+            client.set_user("admin")
+            client.set_password(password)
+            await client.connect()
+            clients.append(client)
+
+        ns = await clients[0].get_namespace_index(NAMESPACE_URI)
+        for index in range(SUBSCRIPTIONS):
+            client = clients[index % SESSIONS]
+            subscription = await client.create_subscription(INTERVAL_MS, Count())
+            await subscription.subscribe_data_change(
+                [
+                    client.get_node(f"ns={ns};s=PumpStations/bench/Pumps/p{k}/{name}")
+                    for k in range(PUMPS)
+                    for name in ("Setpoint", "Target", "Status")
+                ]
+            )
+            counts["subscriptions"] += 1
+        print(json.dumps({"ready": counts["subscriptions"]}), flush=True)
+        await done.wait()
+    finally:
+        for client in clients:
+            with contextlib.suppress(Exception):
+                await client.disconnect()
+    return counts
+
+
+def subscriber_main(url: str, cert: str, key: str, password: str) -> None:
+    """Entry point of the subscriber process: runs until stdin closes."""
+    import logging
+
+    # asyncua warns of every revised subscription parameter.
+    logging.getLogger("asyncua").setLevel(logging.ERROR)
+
+    async def main() -> dict[str, int]:
+        done = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        loop.add_reader(sys.stdin.fileno(), done.set)
+        return await _subscribe_many(url, cert, key, password, done)
+
+    counts = uvloop.run(main())
+    print(json.dumps(counts), flush=True)
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    """``calejo serve`` with OPC UA; its ports, a token, a client certificate."""
+    folder = tmp_path_factory.mktemp("opcua-served")
+    data_dir = folder / "data"
+    trusted = data_dir / "opcua" / "trusted"
+    trusted.mkdir(parents=True)
+    cert, key = folder / "client.pem", folder / "client-key.pem"
+    certs.self_signed_certificate(
+        cert,
+        key,
+        application_uri="urn:bench:client",
+        common_name="bench client",
+        hostnames=[socket.gethostname(), "localhost"],
     )
-    figures = percentiles(samples.ack)
+    (trusted / "client.pem").write_bytes(cert.read_bytes())
+    pumps = "".join(
+        f"      - pump_id: p{k}\n        min_value: 20\n        max_value: 50\n"
+        "        max_rate: .inf\n        failsafe_value: 35\n"
+        for k in range(PUMPS)
+    )
+    config = folder / "calejo.yaml"
+    config.write_text(
+        "engine:\n  watchdog_timeout: 3600\n"
+        "stations:\n  - station_id: bench\n    pumps:\n" + pumps,
+        encoding="utf-8",
+    )
+    http, opcua = free_port(), free_port()
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("CALEJO_") and k != "DATABASE_URL"
+    }
+    env.update(
+        PYTHONPATH=str(REPO),
+        CALEJO_DATA_DIR=str(data_dir),
+        CALEJO_BIND="127.0.0.1",
+        CALEJO_HTTP_PORT=str(http),
+        CALEJO_MODBUS_PORT=str(free_port()),
+        CALEJO_OPCUA_PORT=str(opcua),
+        CALEJO_ADMIN_PASSWORD=ADMIN_PASSWORD,
+    )
+    process = subprocess.Popen(
+        [sys.executable, "-m", "calejo_server", "serve", "--config", str(config)],
+        env=env,
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + START_TIMEOUT
+        while True:
+            if process.poll() is not None:
+                pytest.fail(f"calejo serve exited with {process.returncode}")
+            if time.monotonic() > deadline:
+                pytest.fail(f"calejo serve not ready after {START_TIMEOUT} s")
+            with contextlib.suppress(httpx.TransportError):
+                httpx.get(f"http://127.0.0.1:{http}/api/v1/health", timeout=1.0)
+                break
+            time.sleep(0.05)
+        login = httpx.post(
+            f"http://127.0.0.1:{http}/api/v1/auth/login",
+            json={"username": "admin", "password": ADMIN_PASSWORD},
+            timeout=30.0,
+        )
+        assert login.status_code == 200, login.text
+        yield {
+            "pid": process.pid,
+            "http": http,
+            "url": f"opc.tcp://127.0.0.1:{opcua}",
+            "token": login.json()["access_token"],
+            "cert": str(cert),
+            "key": str(key),
+        }
+    finally:
+        if process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(10)
+
+
+def _rest_acks(served: dict[str, Any], rounds: int) -> list[float]:
+    """Seconds from sending each PUT to its answer, one in flight, at random
+    moments within the publishing interval."""
+    pause = random.Random(rounds)
+    path = "/api/v1/pump-stations/bench/pumps/p0/setpoint"
+    head = (
+        f"PUT {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        f"Authorization: Bearer {served['token']}\r\n"
+        "Content-Type: application/json\r\n"
+    )
+    acks: list[float] = []
+    with socket.create_connection(("127.0.0.1", served["http"]), timeout=WAIT) as sock:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        buffer = b""
+        for index in range(rounds):
+            body = b'{"value": %.1f}' % (30.0 + (index % 2) * 10.0)
+            payload = (head + f"Content-Length: {len(body)}\r\n\r\n").encode()
+            time.sleep(pause.uniform(0.0, INTERVAL_MS / 1000.0))
+            started = time.perf_counter()
+            sock.sendall(payload + body)
+            while True:
+                end = buffer.find(b"\r\n\r\n")
+                if end >= 0:
+                    header = buffer[:end].lower()
+                    at = header.find(b"content-length:")
+                    stop = header.find(b"\r\n", at)
+                    length = int(header[at + 15 : stop if stop > 0 else None])
+                    if len(buffer) >= end + 4 + length:
+                        assert header.startswith(b"http/1.1 200"), buffer[:300]
+                        buffer = buffer[end + 4 + length :]
+                        break
+                chunk = sock.recv(65536)
+                if not chunk:
+                    raise ConnectionError("the adapter closed the connection")
+                buffer += chunk
+            acks.append(time.perf_counter() - started)
+    return acks
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of process ``pid`` so far, in seconds."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    fields = stat[stat.rindex(")") + 2 :].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _idle_cpu_share(pid: int, seconds: float = 2.0) -> float:
+    """The share of one CPU that process ``pid`` uses while nobody writes."""
+    before, started = cpu_seconds(pid), time.perf_counter()
+    time.sleep(seconds)
+    return (cpu_seconds(pid) - before) / (time.perf_counter() - started)
+
+
+def _timed_acks(served: dict[str, Any], acks: list[float]) -> float:
+    """ACK_ROUNDS acknowledgements into ``acks``; the server's CPU ms per write."""
+    before = cpu_seconds(served["pid"])
+    acks.extend(_rest_acks(served, ACK_ROUNDS))
+    return (cpu_seconds(served["pid"]) - before) * 1000.0 / ACK_ROUNDS
+
+
+def _ack_figures(benchmark: Any, name: str, acks: list[float]) -> dict[str, float]:
+    _acks[name] = acks
+    figures = percentiles(acks)
     benchmark.extra_info.update(figures)
-    print(f"\nack without subscribers: {figures}")
+    benchmark.extra_info["rounds"] = len(acks)
+    return figures
+
+
+@pytest.mark.benchmark(group="rest-ack-opcua-subscriptions")
+def test_rest_ack_without_opcua_subscriptions(
+    benchmark: Any, served: dict[str, Any]
+) -> None:
+    acks: list[float] = []
+    cpu: list[float] = []
+    _rest_acks(served, 20)  # warm up
+    idle = _idle_cpu_share(served["pid"])
+    benchmark.pedantic(
+        lambda: cpu.append(_timed_acks(served, acks)), rounds=1, iterations=1
+    )
+    _ack_figures(benchmark, "alone", acks)
+    benchmark.extra_info.update(
+        subscriptions=0,
+        server_idle_cpu_share=round(idle, 3),
+        server_cpu_ms_per_write=round(cpu[0], 3),
+    )
+
+
+@pytest.mark.benchmark(group="rest-ack-opcua-subscriptions")
+def test_rest_ack_with_100_opcua_subscriptions(
+    benchmark: Any, served: dict[str, Any]
+) -> None:
+    command = (
+        "import test_bench_opcua as b; "
+        f"b.subscriber_main({served['url']!r}, {served['cert']!r}, "
+        f"{served['key']!r}, {ADMIN_PASSWORD!r})"
+    )
+    subscriber = subprocess.Popen(
+        [sys.executable, "-c", command],
+        cwd=HERE,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    acks: list[float] = []
+    cpu: list[float] = []
+    try:
+        assert subscriber.stdout is not None and subscriber.stdin is not None
+        ready = json.loads(subscriber.stdout.readline() or "{}")
+        assert ready.get("ready") == SUBSCRIPTIONS, ready
+        time.sleep(1.0)
+        _rest_acks(served, 20)  # warm up
+        idle = _idle_cpu_share(served["pid"])
+        benchmark.pedantic(
+            lambda: cpu.append(_timed_acks(served, acks)), rounds=1, iterations=1
+        )
+        subscriber.stdin.close()
+        counts = json.loads(subscriber.stdout.readline() or "{}")
+        subscriber.wait(60)
+    finally:
+        if subscriber.poll() is None:
+            subscriber.kill()
+            subscriber.wait(10)
+        for pipe in (subscriber.stdin, subscriber.stdout):
+            if pipe is not None and not pipe.closed:
+                pipe.close()
+
+    figures = _ack_figures(benchmark, "subscribed", acks)
+    benchmark.extra_info.update(
+        subscriptions=SUBSCRIPTIONS,
+        sessions=SESSIONS,
+        notifications=counts.get("notifications", 0),
+        server_idle_cpu_share=round(idle, 3),
+        server_cpu_ms_per_write=round(cpu[0], 3),
+    )
+    # Each write changes the setpoint and target of p0 in all 100 (writes
+    # within one publishing interval reach a client as one notification).
+    assert counts.get("notifications", 0) >= SUBSCRIPTIONS * 10
+    alone = _acks.get("alone")
+    if alone:
+        benchmark.extra_info["p99_ratio_to_alone"] = round(
+            figures["p99_ms"] / percentiles(alone)["p99_ms"], 2
+        )

@@ -75,6 +75,242 @@ cdef extern from *:
     const int CALEJO_GATE_DEBUG_BUILD
 
 
+cdef extern from *:
+    """
+    #if defined(__SSE2__)
+    #include <emmintrin.h>
+    #endif
+
+    /* The usual cases of a request and of a tick, eight pumps at a time with
+       SSE2 (two doubles per register; status bits and outcomes eight to a
+       register). Each function starts at pump ``start``, stops before the
+       first block of eight that needs the general rules (an override bit, a
+       value that is not finite, a start from stop_value, a stop across the
+       band outside the limits) and returns where it stopped; the caller
+       applies the general rules to that block and calls again. The
+       arithmetic is that of the scalar code, operation for operation, so
+       the results are the same bits. Without SSE2 they return ``start``. */
+
+    #define CALEJO_BLOCK 8
+
+    #if defined(__SSE2__)
+    /* Eight 64-bit lane masks (all ones or zero) as eight 16-bit ones. */
+    static inline __m128i calejo_pack_masks(__m128d m0, __m128d m1,
+                                            __m128d m2, __m128d m3)
+    {
+        __m128 low = _mm_shuffle_ps(_mm_castpd_ps(m0), _mm_castpd_ps(m1),
+                                    _MM_SHUFFLE(2, 0, 2, 0));
+        __m128 high = _mm_shuffle_ps(_mm_castpd_ps(m2), _mm_castpd_ps(m3),
+                                     _MM_SHUFFLE(2, 0, 2, 0));
+        return _mm_packs_epi32(_mm_castps_si128(low), _mm_castps_si128(high));
+    }
+
+    static inline __m128d calejo_select(__m128d mask, __m128d yes, __m128d no)
+    {
+        return _mm_or_pd(_mm_and_pd(mask, yes), _mm_andnot_pd(mask, no));
+    }
+
+    /* 1 when no pump of the block has an emergency stop or failsafe bit. */
+    static inline int calejo_plain(__m128i bits)
+    {
+        __m128i override = _mm_and_si128(bits, _mm_set1_epi16(3));
+        return _mm_movemask_epi8(_mm_cmpeq_epi16(override,
+                                                 _mm_setzero_si128())) == 0xFFFF;
+    }
+    #endif
+
+    static Py_ssize_t calejo_request_blocks(
+        Py_ssize_t start, Py_ssize_t n, const double *values,
+        const double *min_value, const double *max_value,
+        const double *stop_value, const unsigned char *allow_stop,
+        const double *applied, double *target, unsigned short *status,
+        unsigned char *last, unsigned char *outcomes)
+    {
+        Py_ssize_t i = start;
+    #if defined(__SSE2__)
+        const __m128d zero = _mm_setzero_pd();
+        for (; i + CALEJO_BLOCK <= n; i += CALEJO_BLOCK) {
+            __m128i bits = _mm_loadu_si128((const __m128i *)(status + i));
+            __m128i refused, refused16, refused32[2];
+            __m128d clamped[4], ramping[4], finite = _mm_cmpeq_pd(zero, zero);
+            __m128i clamped16, outcome;
+            int k;
+
+            if (!calejo_plain(bits)) {
+                break;
+            }
+            for (k = 0; k < 4; k++) {
+                /* v - v is 0 for a finite v, NaN for NaN and infinity. */
+                __m128d v = _mm_loadu_pd(values + i + 2 * k);
+                finite = _mm_and_pd(finite, _mm_cmpeq_pd(_mm_sub_pd(v, v), zero));
+            }
+            if (_mm_movemask_pd(finite) != 3) {
+                break;
+            }
+
+            /* Lane masks of the pumps whose stop request is not a stop. */
+            refused = _mm_cmpeq_epi8(
+                _mm_loadl_epi64((const __m128i *)(allow_stop + i)),
+                _mm_setzero_si128());
+            refused16 = _mm_unpacklo_epi8(refused, refused);
+            refused32[0] = _mm_unpacklo_epi16(refused16, refused16);
+            refused32[1] = _mm_unpackhi_epi16(refused16, refused16);
+
+            for (k = 0; k < 4; k++) {
+                Py_ssize_t j = i + 2 * k;
+                __m128i half = refused32[k >> 1];
+                __m128d no_stop = _mm_castsi128_pd((k & 1)
+                    ? _mm_unpackhi_epi32(half, half)
+                    : _mm_unpacklo_epi32(half, half));
+                __m128d v = _mm_loadu_pd(values + j);
+                __m128d low = _mm_loadu_pd(min_value + j);
+                __m128d high = _mm_loadu_pd(max_value + j);
+                __m128d stop = _mm_loadu_pd(stop_value + j);
+                __m128d is_stop = _mm_andnot_pd(no_stop, _mm_cmpeq_pd(v, stop));
+                __m128d below = _mm_cmplt_pd(v, low);
+                __m128d above = _mm_cmpgt_pd(v, high);
+                __m128d wanted = calejo_select(below, low, v);
+                wanted = calejo_select(above, high, wanted);
+                wanted = calejo_select(is_stop, stop, wanted);
+                clamped[k] = _mm_andnot_pd(is_stop, _mm_or_pd(below, above));
+                ramping[k] = _mm_cmpneq_pd(_mm_loadu_pd(applied + j), wanted);
+                _mm_storeu_pd(target + j, wanted);
+            }
+
+            clamped16 = calejo_pack_masks(clamped[0], clamped[1], clamped[2],
+                                          clamped[3]);
+            bits = _mm_andnot_si128(_mm_set1_epi16(4 | 8 | 16), bits);
+            bits = _mm_or_si128(bits, _mm_and_si128(clamped16, _mm_set1_epi16(4)));
+            bits = _mm_or_si128(bits, _mm_and_si128(
+                calejo_pack_masks(ramping[0], ramping[1], ramping[2], ramping[3]),
+                _mm_set1_epi16(8)));
+            _mm_storeu_si128((__m128i *)(status + i), bits);
+            /* The outcome is 1 (clamped) or 0 (accepted). */
+            outcome = _mm_and_si128(clamped16, _mm_set1_epi16(1));
+            outcome = _mm_packus_epi16(outcome, outcome);
+            _mm_storel_epi64((__m128i *)(last + i), outcome);
+            _mm_storel_epi64((__m128i *)(outcomes + i), outcome);
+        }
+    #else
+        (void)n; (void)values; (void)min_value; (void)max_value;
+        (void)stop_value; (void)allow_stop; (void)applied; (void)target;
+        (void)status; (void)last; (void)outcomes;
+    #endif
+        return i;
+    }
+
+    static Py_ssize_t calejo_advance_blocks(
+        Py_ssize_t start, Py_ssize_t n, double now, double elapsed,
+        double *applied, const double *target, const double *stop_value,
+        const double *min_value, const double *max_value,
+        const double *max_rate, double *stopped_at, unsigned short *status,
+        Py_ssize_t *ramping)
+    {
+        Py_ssize_t i = start;
+    #if defined(__SSE2__)
+        const __m128d sign = _mm_set1_pd(-0.0);
+        const __m128d span = _mm_set1_pd(elapsed);
+        for (; i + CALEJO_BLOCK <= n; i += CALEJO_BLOCK) {
+            __m128i bits = _mm_loadu_si128((const __m128i *)(status + i));
+            __m128d general = _mm_setzero_pd(), after[4], moving[4];
+            __m128i moving16;
+            int k, landed = 0;
+
+            if (!calejo_plain(bits)) {
+                break;
+            }
+            for (k = 0; k < 4; k++) {
+                Py_ssize_t j = i + 2 * k;
+                __m128d before = _mm_loadu_pd(applied + j);
+                __m128d goal = _mm_loadu_pd(target + j);
+                __m128d stop = _mm_loadu_pd(stop_value + j);
+                __m128d outside = _mm_or_pd(
+                    _mm_cmplt_pd(stop, _mm_loadu_pd(min_value + j)),
+                    _mm_cmpgt_pd(stop, _mm_loadu_pd(max_value + j)));
+                __m128d step = _mm_mul_pd(_mm_loadu_pd(max_rate + j), span);
+                __m128d gap = _mm_sub_pd(goal, before);
+                /* before + copysign(step, gap); the goal once within a step. */
+                __m128d moved = _mm_add_pd(
+                    before, _mm_or_pd(_mm_and_pd(sign, gap),
+                                      _mm_andnot_pd(sign, step)));
+                __m128d next = calejo_select(
+                    _mm_cmple_pd(_mm_andnot_pd(sign, gap), step), goal, moved);
+
+                /* A move from stop_value (a start, anti-cycling), or to a
+                   stop_value outside the limits: the general rules. */
+                general = _mm_or_pd(general, _mm_and_pd(
+                    _mm_cmpneq_pd(before, goal),
+                    _mm_or_pd(_mm_cmpeq_pd(before, stop),
+                              _mm_and_pd(_mm_cmpeq_pd(goal, stop), outside))));
+                /* A pump at its goal keeps its value, bit for bit. */
+                after[k] = calejo_select(_mm_cmpeq_pd(before, goal), before, next);
+                moving[k] = _mm_cmpneq_pd(after[k], goal);
+                landed |= _mm_movemask_pd(_mm_and_pd(
+                    _mm_cmpeq_pd(after[k], stop),
+                    _mm_cmpneq_pd(before, after[k]))) << (2 * k);
+            }
+            if (_mm_movemask_pd(general)) {
+                break;
+            }
+
+            for (k = 0; k < 4; k++) {
+                _mm_storeu_pd(applied + i + 2 * k, after[k]);
+            }
+            /* A ramp that ended on a stop_value within the limits. */
+            for (k = 0; landed; k++, landed >>= 1) {
+                if (landed & 1) {
+                    stopped_at[i + k] = now;
+                }
+            }
+
+            moving16 = calejo_pack_masks(moving[0], moving[1], moving[2],
+                                         moving[3]);
+            bits = _mm_andnot_si128(_mm_set1_epi16(8), bits);
+            bits = _mm_or_si128(bits, _mm_and_si128(moving16, _mm_set1_epi16(8)));
+            _mm_storeu_si128((__m128i *)(status + i), bits);
+            /* Two mask bytes per ramping pump. */
+            *ramping += __builtin_popcount(
+                (unsigned)_mm_movemask_epi8(moving16)) / 2;
+        }
+    #else
+        (void)n; (void)now; (void)elapsed; (void)applied; (void)target;
+        (void)stop_value; (void)min_value; (void)max_value; (void)max_rate;
+        (void)stopped_at; (void)status; (void)ramping;
+    #endif
+        return i;
+    }
+    """
+    Py_ssize_t _request_blocks "calejo_request_blocks" (
+        Py_ssize_t start,
+        Py_ssize_t n,
+        const double *values,
+        const double *min_value,
+        const double *max_value,
+        const double *stop_value,
+        const uint8_t *allow_stop,
+        const double *applied,
+        double *target,
+        uint16_t *status,
+        uint8_t *last,
+        uint8_t *outcomes,
+    ) noexcept nogil
+    Py_ssize_t _advance_blocks "calejo_advance_blocks" (
+        Py_ssize_t start,
+        Py_ssize_t n,
+        double now,
+        double elapsed,
+        double *applied,
+        const double *target,
+        const double *stop_value,
+        const double *min_value,
+        const double *max_value,
+        const double *max_rate,
+        double *stopped_at,
+        uint16_t *status,
+        Py_ssize_t *ramping,
+    ) noexcept nogil
+
+
 DEBUG_BUILD = bool(CALEJO_GATE_DEBUG_BUILD)
 
 ACCEPTED = GATE_ACCEPTED
@@ -503,6 +739,39 @@ cdef inline uint8_t _request(
     return outcome
 
 
+cdef void _request_every(
+    PumpTable *table, const double *values, uint8_t *outcomes
+) noexcept nogil:
+    """Apply ``values[k]`` to pump k for every pump; outcomes to ``outcomes``.
+
+    Blocks of eight pumps in the usual case (no override, finite values)
+    go through ``_request_blocks``; the others through ``_request``.
+    """
+    cdef Py_ssize_t n = table.n_pumps
+    cdef Py_ssize_t pump = 0
+    cdef Py_ssize_t until
+
+    while pump < n:
+        pump = _request_blocks(
+            pump,
+            n,
+            values,
+            table.min_value,
+            table.max_value,
+            table.stop_value,
+            table.allow_stop,
+            table.applied,
+            table.target,
+            table.status,
+            table.outcome,
+            outcomes,
+        )
+        until = min(pump + 8, n)
+        while pump < until:
+            outcomes[pump] = _request(table, pump, values[pump])
+            pump += 1
+
+
 cdef inline double _next_applied(
     const PumpTable *table, Py_ssize_t pump, double goal, double now, double elapsed
 ) noexcept nogil:
@@ -531,31 +800,64 @@ cdef inline double _next_applied(
     return _toward(applied, goal, step)
 
 
+cdef inline bint _advance_one(
+    PumpTable *table, Py_ssize_t pump, double now, double elapsed
+) noexcept nogil:
+    """Move ``pump`` ``elapsed`` seconds toward its goal (0: only refresh its
+    ramping bit); whether it still ramps."""
+    cdef double goal = _goal(table, pump)
+    cdef double before = table.applied[pump]
+    cdef double after = before
+
+    if elapsed > 0.0 and before != goal:
+        after = _next_applied(table, pump, goal, now, elapsed)
+        if after == table.stop_value[pump] and before != after:
+            table.stopped_at[pump] = now
+        table.applied[pump] = after
+
+    if after != goal:
+        table.status[pump] |= GATE_STATUS_RAMPING
+        return True
+    table.status[pump] &= ~GATE_STATUS_RAMPING
+    return False
+
+
 cdef Py_ssize_t _advance(PumpTable *table, double now, double elapsed) noexcept nogil:
     """Move every pump ``elapsed`` seconds toward its goal (0: only refresh the
-    ramping bits); return how many still ramp."""
-    cdef double goal, before, after
-    cdef uint16_t status
-    cdef Py_ssize_t pump
+    ramping bits); return how many still ramp.
+
+    Blocks of eight pumps in the usual case (no override, ramping between
+    the limits) go through ``_advance_blocks``; the others through
+    ``_advance_one``.
+    """
+    cdef Py_ssize_t n = table.n_pumps
+    cdef Py_ssize_t pump = 0
     cdef Py_ssize_t ramping = 0
+    cdef Py_ssize_t until
 
-    for pump in range(table.n_pumps):
-        goal = _goal(table, pump)
-        before = table.applied[pump]
-        after = before
-        if elapsed > 0.0 and before != goal:
-            after = _next_applied(table, pump, goal, now, elapsed)
-            if after == table.stop_value[pump] and before != after:
-                table.stopped_at[pump] = now
-            table.applied[pump] = after
-
-        status = table.status[pump]
-        if after != goal:
-            status |= GATE_STATUS_RAMPING
-            ramping += 1
+    while pump < n:
+        if elapsed > 0.0:
+            pump = _advance_blocks(
+                pump,
+                n,
+                now,
+                elapsed,
+                table.applied,
+                table.target,
+                table.stop_value,
+                table.min_value,
+                table.max_value,
+                table.max_rate,
+                table.stopped_at,
+                table.status,
+                &ramping,
+            )
+            until = min(pump + 8, n)
         else:
-            status &= ~GATE_STATUS_RAMPING
-        table.status[pump] = status
+            until = n
+        while pump < until:
+            ramping += _advance_one(table, pump, now, elapsed)
+            pump += 1
     return ramping
 
 
@@ -754,12 +1056,11 @@ cdef class Gate:
         )
         outcomes = _outcome_buffer(out, self._table.n_pumps)
 
-        cdef PumpTable table = self._table
-        cdef const double *value_data = <const double *>cnp.PyArray_DATA(value_array)
-        cdef uint8_t *outcome_data = <uint8_t *>cnp.PyArray_DATA(outcomes)
-        cdef Py_ssize_t pump
-        for pump in range(table.n_pumps):
-            outcome_data[pump] = _request(&table, pump, value_data[pump])
+        _request_every(
+            &self._table,
+            <const double *>cnp.PyArray_DATA(value_array),
+            <uint8_t *>cnp.PyArray_DATA(outcomes),
+        )
         return outcomes
 
     def tick(self, double now):
