@@ -28,7 +28,17 @@ from pathlib import Path
 from typing import Any, TextIO, TypeVar
 
 from calejo_server.config import Config, ConfigError, load_config
-from calejo_server.ops import backup_commands, certs, compliance, health
+from calejo_server.ops import (
+    audit_report,
+    backup_commands,
+    certs,
+    compliance,
+    db_check,
+    health,
+    perf,
+    recovery,
+    security,
+)
 from calejo_server.protocols import modbus_commands, opcua_cli
 from calejo_server.storage.base import Storage, StorageError
 
@@ -257,7 +267,10 @@ def _offline(config: Config) -> Iterator[None]:
 
 
 def _audit_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.description = "Export the audit log or verify its hash chain."
+    parser.description = (
+        "Export the audit log, verify its hash chain, summarise a period "
+        "(report) or gather its compliance evidence (compliance)."
+    )
     actions = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
 
     export = actions.add_parser("export", help="write the audit log")
@@ -275,9 +288,12 @@ def _audit_arguments(parser: argparse.ArgumentParser) -> None:
         "verify",
         help="walk the hash chain: exit 0 when intact, 1 naming the first broken row",
     )
+    audit_report.add_actions(actions)
 
 
 def run_audit(args: argparse.Namespace) -> int:
+    if args.action in ("report", "compliance"):
+        return audit_report.run(args)
     config = _load(args)
     if args.action == "export":
         return _run_async(_audit_export(config, args))
@@ -397,7 +413,12 @@ def operator_name() -> str:
 COMMANDS: tuple[Command, ...] = (
     Command("serve", "run the adapter", _serve_arguments, run_serve),
     Command("users", "list, add, deactivate users", _users_arguments, run_users),
-    Command("audit", "export or verify the audit log", _audit_arguments, run_audit),
+    Command(
+        "audit",
+        "export, verify or summarise the audit log",
+        _audit_arguments,
+        run_audit,
+    ),
     Command(
         "health-check",
         "ask a running adapter for its health",
@@ -451,6 +472,30 @@ COMMANDS: tuple[Command, ...] = (
         "browse or read an OPC UA server",
         opcua_cli.add_arguments,
         opcua_cli.run,
+    ),
+    Command(
+        "performance",
+        "time a running adapter, report and judge its KPIs from /metrics",
+        perf.arguments,
+        perf.run,
+    ),
+    Command(
+        "security",
+        "scan a running adapter, check the policy, controls and risks",
+        security.arguments,
+        security.run,
+    ),
+    Command(
+        "db",
+        "check the database: integrity, schema, triggers, audit chain",
+        db_check.arguments,
+        db_check.run,
+    ),
+    Command(
+        "recovery",
+        "can the plant recover (check), and did it (verify)",
+        recovery.arguments,
+        recovery.run,
     ),
 )
 """Every subcommand, in the order ``calejo --help`` lists them."""

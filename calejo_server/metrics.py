@@ -35,6 +35,11 @@ The Modbus TCP server adds its own at scrape time (its ``collect``):
 ``modbus_frames_total``, ``modbus_exceptions_total``,
 ``modbus_writes_total`` (result: stored, refused) and
 ``plc_heartbeat_lost_stations`` (gauge).
+
+The process itself, unprefixed as Prometheus names them on Linux:
+``process_cpu_seconds_total``, ``process_resident_memory_bytes``,
+``process_virtual_memory_bytes``, ``process_open_fds``,
+``process_max_fds`` and ``process_start_time_seconds``.
 """
 
 from __future__ import annotations
@@ -49,6 +54,7 @@ from prometheus_client import (
     CollectorRegistry,
     Counter,
     Histogram,
+    ProcessCollector,
     generate_latest,
 )
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -124,6 +130,7 @@ class Metrics:
         self._setpoint_children: dict[str, _Incrementer] = {}
         self._live = _LiveCollector()
         self.registry.register(self._live)
+        ProcessCollector(registry=self.registry)
 
     def observe_request(
         self, route: str, method: str, status: int, seconds: float
