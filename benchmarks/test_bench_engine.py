@@ -42,7 +42,6 @@ import contextlib
 import datetime as dt
 import math
 import os
-import socket
 import struct
 import subprocess
 import sys
@@ -59,6 +58,7 @@ from pytest_benchmark.fixture import BenchmarkFixture
 
 import calejo_core.reference.codecs as reference_codecs
 import calejo_core.reference.gate as reference_gate
+from benchmarks.support import free_port
 from calejo_server.config import load_config
 from calejo_server.engine import Engine, ManualClock, RequestContext, SetpointItem
 from calejo_server.storage import open_storage
@@ -276,12 +276,6 @@ def test_engine_tick_10000_pumps(
 # -- a whole adapter ------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def _adapter_config(n_stations: int, per_station: int) -> str:
     lines = ["engine:", "  watchdog_timeout: 3600", "stations:"]
     for station in range(n_stations):
@@ -321,7 +315,7 @@ def test_adapter_resident_memory(
     pumps = n_stations * per_station
     config = tmp_path / "calejo.yaml"
     config.write_text(_adapter_config(n_stations, per_station), encoding="utf-8")
-    http = _free_port()
+    http = free_port()
     env = {
         k: v
         for k, v in os.environ.items()
@@ -332,8 +326,8 @@ def test_adapter_resident_memory(
         CALEJO_DATA_DIR=str(tmp_path / "data"),
         CALEJO_BIND="127.0.0.1",
         CALEJO_HTTP_PORT=str(http),
-        CALEJO_MODBUS_PORT=str(_free_port()),
-        CALEJO_OPCUA_PORT=str(_free_port()),
+        CALEJO_MODBUS_PORT=str(free_port()),
+        CALEJO_OPCUA_PORT=str(free_port()),
         CALEJO_ADMIN_PASSWORD=ADMIN_PASSWORD,
     )
     base = f"http://127.0.0.1:{http}/api/v1"

@@ -59,6 +59,8 @@ from typing import Any
 import httpx
 import pytest
 
+from benchmarks.support import cpu_seconds, free_port, percentile, stop_process
+
 REPO = Path(__file__).resolve().parents[1]
 HERE = Path(__file__).resolve().parent
 CONNECTIONS = 16
@@ -70,7 +72,6 @@ ROUNDS = 3
 LATENCY_ROUNDS = 400
 ADMIN_PASSWORD = "bench-modbus-passphrase-42"
 START_TIMEOUT = 60.0
-TICK = os.sysconf("SC_CLK_TCK")
 
 # "One core": each server process runs on CPU 0 alone, the load client on
 # the other CPUs (when the machine has more than one).
@@ -89,13 +90,6 @@ def _on_client_cpus() -> None:
 
 def fc3(tid: int = 1, unit: int = 1, address: int = 100) -> bytes:
     return struct.pack(">HHHBBHH", tid, 0, 6, unit, 3, address, REGISTERS)
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of process ``pid`` so far, in seconds."""
-    stat = Path(f"/proc/{pid}/stat").read_text()
-    fields = stat[stat.rindex(")") + 2 :].split()
-    return (int(fields[11]) + int(fields[12])) / TICK
 
 
 # -- the bare baseline --------------------------------------------------------
@@ -219,12 +213,6 @@ def run_load(port: int, server_pid: int, depth: int) -> dict[str, float]:
 # -- the servers ----------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def _wait_port(port: int, process: subprocess.Popen[bytes]) -> None:
     deadline = time.monotonic() + START_TIMEOUT
     while time.monotonic() < deadline:
@@ -241,16 +229,6 @@ def _wait_port(port: int, process: subprocess.Popen[bytes]) -> None:
                 return
         time.sleep(0.05)
     pytest.fail(f"server not answering on port {port} after {START_TIMEOUT} s")
-
-
-def _stop(process: subprocess.Popen[bytes]) -> None:
-    if process.poll() is None:
-        process.terminate()
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(10)
 
 
 CONFIG = """\
@@ -276,7 +254,7 @@ def adapter(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]
         for k in range(10)
     )
     config.write_text(CONFIG + pumps, encoding="utf-8")
-    http, modbus = _free_port(), _free_port()
+    http, modbus = free_port(), free_port()
     env = {
         k: v
         for k, v in os.environ.items()
@@ -288,7 +266,7 @@ def adapter(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]
         CALEJO_BIND="127.0.0.1",
         CALEJO_HTTP_PORT=str(http),
         CALEJO_MODBUS_PORT=str(modbus),
-        CALEJO_OPCUA_PORT=str(_free_port()),
+        CALEJO_OPCUA_PORT=str(free_port()),
         CALEJO_ADMIN_PASSWORD=ADMIN_PASSWORD,
     )
     process = subprocess.Popen(
@@ -314,13 +292,13 @@ def adapter(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]
             "token": answer.json()["access_token"],
         }
     finally:
-        _stop(process)
+        stop_process(process)
 
 
 @pytest.fixture(scope="module")
 def bare() -> Iterator[dict[str, Any]]:
     """The bare pymodbus server: its pid and port."""
-    port = _free_port()
+    port = free_port()
     process = subprocess.Popen(
         [
             sys.executable,
@@ -335,7 +313,7 @@ def bare() -> Iterator[dict[str, Any]]:
         _wait_port(port, process)
         yield {"pid": process.pid, "port": port}
     finally:
-        _stop(process)
+        stop_process(process)
 
 
 def _measure(
@@ -503,11 +481,6 @@ async def _latencies(adapter: dict[str, Any], bare: dict[str, Any]) -> dict[str,
     }
 
 
-def _percentile(values: list[float], fraction: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
-
-
 @pytest.mark.benchmark(group="setpoint-to-modbus")
 def test_rest_setpoint_readable_over_modbus(
     benchmark: Any, adapter: dict[str, Any], bare: dict[str, Any]
@@ -523,15 +496,11 @@ def test_rest_setpoint_readable_over_modbus(
     ms = 1000.0
     benchmark.extra_info.update(
         rounds=LATENCY_ROUNDS,
-        p50_ms=round(_percentile(samples["visible"], 0.50) * ms, 3),
-        p99_ms=round(_percentile(samples["visible"], 0.99) * ms, 3),
+        p50_ms=round(percentile(samples["visible"], 0.50) * ms, 3),
+        p99_ms=round(percentile(samples["visible"], 0.99) * ms, 3),
         max_ms=round(max(samples["visible"]) * ms, 3),
         reads_that_saw_the_old_value=samples["extra_reads"],
-        rest_ack_p50_ms=round(_percentile(samples["acks"], 0.50) * ms, 3),
-        pymodbus_round_trip_p50_ms=round(
-            _percentile(samples["baseline"], 0.50) * ms, 3
-        ),
-        pymodbus_round_trip_p99_ms=round(
-            _percentile(samples["baseline"], 0.99) * ms, 3
-        ),
+        rest_ack_p50_ms=round(percentile(samples["acks"], 0.50) * ms, 3),
+        pymodbus_round_trip_p50_ms=round(percentile(samples["baseline"], 0.50) * ms, 3),
+        pymodbus_round_trip_p99_ms=round(percentile(samples["baseline"], 0.99) * ms, 3),
     )

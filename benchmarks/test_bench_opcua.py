@@ -59,6 +59,7 @@ import uvloop
 import yaml
 from asyncua import Client, Server, ua
 
+from benchmarks.support import cpu_seconds, free_port
 from calejo_server import certs
 from calejo_server.config import load_config
 from calejo_server.engine import Engine, RequestContext
@@ -76,12 +77,6 @@ PUMPS = 8
 USER, PASSWORD = "scada", "benchmark-client-secret-1"
 CTX = RequestContext(user="bench", source_address="127.0.0.1", protocol="REST")
 WAIT = 5.0
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 class Watch:
@@ -572,13 +567,6 @@ def _rest_acks(served: dict[str, Any], rounds: int) -> list[float]:
                 buffer += chunk
             acks.append(time.perf_counter() - started)
     return acks
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of process ``pid`` so far, in seconds."""
-    stat = Path(f"/proc/{pid}/stat").read_text()
-    fields = stat[stat.rindex(")") + 2 :].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _idle_cpu_share(pid: int, seconds: float = 2.0) -> float:

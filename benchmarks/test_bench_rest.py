@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -30,6 +29,8 @@ from typing import Any
 import httpx
 import orjson
 import pytest
+
+from benchmarks.support import free_port, percentile, stop_process
 
 CONNECTIONS = 16
 REQUESTS_PER_ROUND = 20_000
@@ -203,11 +204,6 @@ def _run_load(
         return runner.run(_load(port, requests))
 
 
-def _percentile(values: list[float], fraction: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
-
-
 def _station(k: int) -> str:
     return f"bench_{k:02d}"
 
@@ -233,12 +229,6 @@ def _setpoint_requests(token: str | None) -> list[list[bytes]]:
 # -- the servers ------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def _wait_http(url: str, process: subprocess.Popen[bytes]) -> None:
     deadline = time.monotonic() + START_TIMEOUT
     while time.monotonic() < deadline:
@@ -249,16 +239,6 @@ def _wait_http(url: str, process: subprocess.Popen[bytes]) -> None:
             return
         time.sleep(0.05)
     pytest.fail(f"server not ready after {START_TIMEOUT} s")
-
-
-def _stop(process: subprocess.Popen[bytes]) -> None:
-    if process.poll() is None:
-        process.terminate()
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(10)
 
 
 def _bench_config() -> str:
@@ -286,7 +266,7 @@ def adapter(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[int, str
     folder = tmp_path_factory.mktemp("bench-rest")
     config = folder / "calejo.yaml"
     config.write_text(_bench_config(), encoding="utf-8")
-    port = _free_port()
+    port = free_port()
     env = {
         k: v
         for k, v in os.environ.items()
@@ -297,8 +277,8 @@ def adapter(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[int, str
         CALEJO_DATA_DIR=str(folder / "data"),
         CALEJO_BIND="127.0.0.1",
         CALEJO_HTTP_PORT=str(port),
-        CALEJO_MODBUS_PORT=str(_free_port()),
-        CALEJO_OPCUA_PORT=str(_free_port()),
+        CALEJO_MODBUS_PORT=str(free_port()),
+        CALEJO_OPCUA_PORT=str(free_port()),
         CALEJO_ADMIN_PASSWORD=ADMIN_PASSWORD,
     )
     process = subprocess.Popen(
@@ -318,13 +298,13 @@ def adapter(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[int, str
         assert answer.status_code == 200, answer.text
         yield port, answer.json()["access_token"]
     finally:
-        _stop(process)
+        stop_process(process)
 
 
 @pytest.fixture(scope="module")
 def bare() -> Iterator[int]:
     """The bare Starlette endpoint under uvicorn + uvloop; its port."""
-    port = _free_port()
+    port = free_port()
     process = subprocess.Popen(
         [sys.executable, "-c", f"import test_bench_rest as b; b._serve_bare({port})"],
         cwd=Path(__file__).parent,
@@ -334,7 +314,7 @@ def bare() -> Iterator[int]:
         _wait_http(f"http://127.0.0.1:{port}/api/v1/health", process)
         yield port
     finally:
-        _stop(process)
+        stop_process(process)
 
 
 def _measure(
@@ -349,8 +329,8 @@ def _measure(
         if rate > figures.get("writes_per_s", 0.0):
             figures.update(
                 writes_per_s=round(rate),
-                p50_ms=round(_percentile(latencies, 0.50) * 1000, 3),
-                p99_ms=round(_percentile(latencies, 0.99) * 1000, 3),
+                p50_ms=round(percentile(latencies, 0.50) * 1000, 3),
+                p99_ms=round(percentile(latencies, 0.99) * 1000, 3),
             )
 
     _run_load(port, [r[:50] for r in requests])  # warm up
@@ -401,7 +381,7 @@ def test_adapter_batch_setpoints(benchmark: Any, adapter: tuple[int, str]) -> No
     benchmark.pedantic(one_round, rounds=3, iterations=1)
     benchmark.extra_info.update(
         pumps_per_request=BATCH_PUMPS,
-        p50_ms=round(_percentile(latencies, 0.50) * 1000, 3),
-        p99_ms=round(_percentile(latencies, 0.99) * 1000, 3),
-        pump_writes_per_s=round(BATCH_PUMPS / _percentile(latencies, 0.50)),
+        p50_ms=round(percentile(latencies, 0.50) * 1000, 3),
+        p99_ms=round(percentile(latencies, 0.99) * 1000, 3),
+        pump_writes_per_s=round(BATCH_PUMPS / percentile(latencies, 0.50)),
     )
