@@ -349,6 +349,17 @@ def value_error(
     return _Reader(where).fail(key_path, expected, _Secret() if secret else got)
 
 
+def section_mapping(
+    where: str, node: object, key_path: str, keys: frozenset[str]
+) -> dict[str, Any]:
+    """``node`` as a mapping whose keys are all in ``keys`` (``{}`` when it
+    is absent), refused as the loader refuses its own sections.
+
+    For the sections that their own modules read from :attr:`Config.raw`.
+    """
+    return _Reader(where).section(node, key_path, keys)
+
+
 def station_definition(station: StationConfig) -> dict[str, Any]:
     """The plain mapping of ``station``, as a ``stations`` entry reads."""
     pumps = [dataclasses.asdict(pump) for pump in station.pumps]

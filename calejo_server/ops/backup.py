@@ -79,7 +79,13 @@ from typing import Any, Final
 import yaml
 
 from calejo_server import audit
-from calejo_server.config import Config, ConfigError, load_config
+from calejo_server.config import (
+    Config,
+    ConfigError,
+    load_config,
+    section_mapping,
+    value_error,
+)
 from calejo_server.ops.archive import (
     FOLDER_ROLES,
     KINDS,
@@ -234,29 +240,10 @@ class _SettingsReader:
         self.where = where
 
     def fail(self, path: str, expected: str, got: object) -> ConfigError:
-        shown = "nothing (null)" if got is None else repr(got)
-        return ConfigError(
-            f"{self.where}: {path}: expected {expected}, got {shown}",
-            source=self.where,
-            key_path=path,
-            expected=expected,
-            got=shown,
-        )
+        return value_error(self.where, path, expected, got)
 
     def mapping(self, node: object, path: str, keys: frozenset[str]) -> dict[str, Any]:
-        if node is None:
-            return {}
-        if not isinstance(node, dict):
-            raise self.fail(path, "a mapping", node)
-        for key in node:
-            if key not in keys:
-                raise ConfigError(
-                    f"{self.where}: {path}.{key}: unknown key; expected one of "
-                    f"{', '.join(sorted(keys))}",
-                    source=self.where,
-                    key_path=f"{path}.{key}",
-                )
-        return node
+        return section_mapping(self.where, node, path, keys)
 
     def duration(self, value: object, path: str, low: float) -> float:
         expected = (
