@@ -126,7 +126,9 @@ class AdapterProcess:
             return "\n".join(self.lines)
 
     def wait_ready(self, timeout: float = START_TIMEOUT) -> None:
-        """Wait until /api/v1/health answers (any status), or fail."""
+        """Wait until /api/v1/health answers (any status) and the adapter
+        has said it started (every service up, the first-start banner
+        printed), or fail."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -135,9 +137,10 @@ class AdapterProcess:
                     f"calejo serve exited with {self.process.returncode} while "
                     f"starting:\n{self.output}"
                 )
-            with contextlib.suppress(httpx.TransportError):
-                httpx.get(f"{self.api}/health", timeout=1.0)
-                return
+            if "adapter started" in self.output:
+                with contextlib.suppress(httpx.TransportError):
+                    httpx.get(f"{self.api}/health", timeout=1.0)
+                    return
             time.sleep(0.05)
         pytest.fail(f"calejo serve not ready after {timeout} s:\n{self.output}")
 
