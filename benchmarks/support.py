@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
+import time
 from pathlib import Path
+
+import httpx
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+START_TIMEOUT = 60.0
 
 
 def free_port() -> int:
@@ -37,3 +45,40 @@ def percentile(values: list[float], fraction: float) -> float:
     """The value below which ``fraction`` of ``values`` lie (nearest rank)."""
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
+
+
+def adapter_env(
+    data_dir: Path, *, http: int, modbus: int, opcua: int, admin_password: str
+) -> dict[str, str]:
+    """The environment of a ``calejo serve`` on loopback: this one without
+    any CALEJO_ setting or DATABASE_URL of its own, plus the given ports."""
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("CALEJO_") and k != "DATABASE_URL"
+    }
+    env.update(
+        PYTHONPATH=str(REPO),
+        CALEJO_DATA_DIR=str(data_dir),
+        CALEJO_BIND="127.0.0.1",
+        CALEJO_HTTP_PORT=str(http),
+        CALEJO_MODBUS_PORT=str(modbus),
+        CALEJO_OPCUA_PORT=str(opcua),
+        CALEJO_ADMIN_PASSWORD=admin_password,
+    )
+    return env
+
+
+def wait_http(
+    url: str, process: subprocess.Popen[bytes], timeout: float = START_TIMEOUT
+) -> None:
+    """Wait until ``url`` answers (any status), or fail the benchmark."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            pytest.fail(f"server exited with {process.returncode} while starting")
+        with contextlib.suppress(httpx.TransportError):
+            httpx.get(url, timeout=1.0)
+            return
+        time.sleep(0.05)
+    pytest.fail(f"server not ready after {timeout} s")

@@ -38,10 +38,8 @@ Targets: tick <= 1 ms, resident memory <= 300 MB.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import datetime as dt
 import math
-import os
 import struct
 import subprocess
 import sys
@@ -58,7 +56,7 @@ from pytest_benchmark.fixture import BenchmarkFixture
 
 import calejo_core.reference.codecs as reference_codecs
 import calejo_core.reference.gate as reference_gate
-from benchmarks.support import free_port
+from benchmarks.support import adapter_env, free_port, wait_http
 from calejo_server.config import load_config
 from calejo_server.engine import Engine, ManualClock, RequestContext, SetpointItem
 from calejo_server.storage import open_storage
@@ -291,18 +289,6 @@ def _adapter_config(n_stations: int, per_station: int) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _wait_ready(url: str, process: subprocess.Popen[bytes]) -> None:
-    deadline = time.monotonic() + START_TIMEOUT
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            pytest.fail(f"calejo serve exited with {process.returncode} while starting")
-        with contextlib.suppress(httpx.TransportError):
-            httpx.get(url, timeout=1.0)
-            return
-        time.sleep(0.05)
-    pytest.fail(f"calejo serve not ready after {START_TIMEOUT} s")
-
-
 @pytest.mark.parametrize(
     ("n_stations", "per_station"),
     [(1, 10), (STATIONS, PUMPS_PER_STATION)],
@@ -316,19 +302,12 @@ def test_adapter_resident_memory(
     config = tmp_path / "calejo.yaml"
     config.write_text(_adapter_config(n_stations, per_station), encoding="utf-8")
     http = free_port()
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith("CALEJO_") and k != "DATABASE_URL"
-    }
-    env.update(
-        PYTHONPATH=str(REPO),
-        CALEJO_DATA_DIR=str(tmp_path / "data"),
-        CALEJO_BIND="127.0.0.1",
-        CALEJO_HTTP_PORT=str(http),
-        CALEJO_MODBUS_PORT=str(free_port()),
-        CALEJO_OPCUA_PORT=str(free_port()),
-        CALEJO_ADMIN_PASSWORD=ADMIN_PASSWORD,
+    env = adapter_env(
+        tmp_path / "data",
+        http=http,
+        modbus=free_port(),
+        opcua=free_port(),
+        admin_password=ADMIN_PASSWORD,
     )
     base = f"http://127.0.0.1:{http}/api/v1"
     started: list[subprocess.Popen[bytes]] = []
@@ -342,7 +321,7 @@ def test_adapter_resident_memory(
             stderr=subprocess.DEVNULL,
         )
         started.append(process)
-        _wait_ready(f"{base}/health", process)
+        wait_http(f"{base}/health", process)
 
     try:
         benchmark.pedantic(start, rounds=1, iterations=1)

@@ -59,7 +59,13 @@ from typing import Any
 import httpx
 import pytest
 
-from benchmarks.support import cpu_seconds, free_port, percentile, stop_process
+from benchmarks.support import (
+    adapter_env,
+    cpu_seconds,
+    free_port,
+    percentile,
+    stop_process,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 HERE = Path(__file__).resolve().parent
@@ -255,19 +261,12 @@ def adapter(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]
     )
     config.write_text(CONFIG + pumps, encoding="utf-8")
     http, modbus = free_port(), free_port()
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith("CALEJO_") and k != "DATABASE_URL"
-    }
-    env.update(
-        PYTHONPATH=str(REPO),
-        CALEJO_DATA_DIR=str(folder / "data"),
-        CALEJO_BIND="127.0.0.1",
-        CALEJO_HTTP_PORT=str(http),
-        CALEJO_MODBUS_PORT=str(modbus),
-        CALEJO_OPCUA_PORT=str(free_port()),
-        CALEJO_ADMIN_PASSWORD=ADMIN_PASSWORD,
+    env = adapter_env(
+        folder / "data",
+        http=http,
+        modbus=modbus,
+        opcua=free_port(),
+        admin_password=ADMIN_PASSWORD,
     )
     process = subprocess.Popen(
         [sys.executable, "-m", "calejo_server", "serve", "--config", str(config)],

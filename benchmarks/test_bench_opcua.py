@@ -59,7 +59,7 @@ import uvloop
 import yaml
 from asyncua import Client, Server, ua
 
-from benchmarks.support import cpu_seconds, free_port
+from benchmarks.support import adapter_env, cpu_seconds, free_port, wait_http
 from calejo_server import certs
 from calejo_server.config import load_config
 from calejo_server.engine import Engine, RequestContext
@@ -474,19 +474,12 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]
         encoding="utf-8",
     )
     http, opcua = free_port(), free_port()
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith("CALEJO_") and k != "DATABASE_URL"
-    }
-    env.update(
-        PYTHONPATH=str(REPO),
-        CALEJO_DATA_DIR=str(data_dir),
-        CALEJO_BIND="127.0.0.1",
-        CALEJO_HTTP_PORT=str(http),
-        CALEJO_MODBUS_PORT=str(free_port()),
-        CALEJO_OPCUA_PORT=str(opcua),
-        CALEJO_ADMIN_PASSWORD=ADMIN_PASSWORD,
+    env = adapter_env(
+        data_dir,
+        http=http,
+        modbus=free_port(),
+        opcua=opcua,
+        admin_password=ADMIN_PASSWORD,
     )
     process = subprocess.Popen(
         [sys.executable, "-m", "calejo_server", "serve", "--config", str(config)],
@@ -496,16 +489,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]
         stderr=subprocess.DEVNULL,
     )
     try:
-        deadline = time.monotonic() + START_TIMEOUT
-        while True:
-            if process.poll() is not None:
-                pytest.fail(f"calejo serve exited with {process.returncode}")
-            if time.monotonic() > deadline:
-                pytest.fail(f"calejo serve not ready after {START_TIMEOUT} s")
-            with contextlib.suppress(httpx.TransportError):
-                httpx.get(f"http://127.0.0.1:{http}/api/v1/health", timeout=1.0)
-                break
-            time.sleep(0.05)
+        wait_http(f"http://127.0.0.1:{http}/api/v1/health", process, START_TIMEOUT)
         login = httpx.post(
             f"http://127.0.0.1:{http}/api/v1/auth/login",
             json={"username": "admin", "password": ADMIN_PASSWORD},

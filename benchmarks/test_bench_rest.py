@@ -17,7 +17,6 @@ Figures land in pytest-benchmark's ``extra_info``: ``writes_per_s``,
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import subprocess
 import sys
@@ -30,7 +29,13 @@ import httpx
 import orjson
 import pytest
 
-from benchmarks.support import free_port, percentile, stop_process
+from benchmarks.support import (
+    adapter_env,
+    free_port,
+    percentile,
+    stop_process,
+    wait_http,
+)
 
 CONNECTIONS = 16
 REQUESTS_PER_ROUND = 20_000
@@ -229,18 +234,6 @@ def _setpoint_requests(token: str | None) -> list[list[bytes]]:
 # -- the servers ------------------------------------------------------------
 
 
-def _wait_http(url: str, process: subprocess.Popen[bytes]) -> None:
-    deadline = time.monotonic() + START_TIMEOUT
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            pytest.fail(f"server exited with {process.returncode} while starting")
-        with contextlib.suppress(httpx.TransportError):
-            httpx.get(url, timeout=1.0)
-            return
-        time.sleep(0.05)
-    pytest.fail(f"server not ready after {START_TIMEOUT} s")
-
-
 def _bench_config() -> str:
     lines = ["engine:", "  watchdog_timeout: 3600", "stations:"]
     for station in range(STATIONS):
@@ -267,19 +260,12 @@ def adapter(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[int, str
     config = folder / "calejo.yaml"
     config.write_text(_bench_config(), encoding="utf-8")
     port = free_port()
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith("CALEJO_") and k != "DATABASE_URL"
-    }
-    env.update(
-        PYTHONPATH=str(REPO),
-        CALEJO_DATA_DIR=str(folder / "data"),
-        CALEJO_BIND="127.0.0.1",
-        CALEJO_HTTP_PORT=str(port),
-        CALEJO_MODBUS_PORT=str(free_port()),
-        CALEJO_OPCUA_PORT=str(free_port()),
-        CALEJO_ADMIN_PASSWORD=ADMIN_PASSWORD,
+    env = adapter_env(
+        folder / "data",
+        http=port,
+        modbus=free_port(),
+        opcua=free_port(),
+        admin_password=ADMIN_PASSWORD,
     )
     process = subprocess.Popen(
         [sys.executable, "-m", "calejo_server", "serve", "--config", str(config)],
@@ -289,7 +275,7 @@ def adapter(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[int, str
         stderr=subprocess.DEVNULL,
     )
     try:
-        _wait_http(f"http://127.0.0.1:{port}/api/v1/health", process)
+        wait_http(f"http://127.0.0.1:{port}/api/v1/health", process)
         answer = httpx.post(
             f"http://127.0.0.1:{port}/api/v1/auth/login",
             json={"username": "admin", "password": ADMIN_PASSWORD},
@@ -311,7 +297,7 @@ def bare() -> Iterator[int]:
         env={**os.environ, "PYTHONPATH": str(REPO)},
     )
     try:
-        _wait_http(f"http://127.0.0.1:{port}/api/v1/health", process)
+        wait_http(f"http://127.0.0.1:{port}/api/v1/health", process)
         yield port
     finally:
         stop_process(process)
