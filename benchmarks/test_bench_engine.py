@@ -23,10 +23,15 @@ for every pump, SQLite), with the same 10,000 pumps, beside the same
 adapter with one station of 10 pumps. The timed round is the start, until
 the REST API answers; then an operator logs in, a setpoint for every pump
 goes in through ``POST /setpoints`` (batches of 1,000), the station list
-is read once and the adapter runs a few seconds. ``extra_info`` holds its
-resident memory at the end (``rss_mb``), right after the start
-(``started_rss_mb``) and its peak (``peak_rss_mb``, VmHWM: it includes the
-64 MiB that each Argon2 password check of a login holds for a moment).
+is read once and the adapter runs a few seconds. The adapter is two
+processes, the service and its OPC UA worker; ``extra_info`` holds, at the
+end, the resident memory of each (``rss_mb``, ``worker_rss_mb``), their
+sum (``total_rss_mb``, which counts the libraries both map twice) and
+their proportional sum (``total_pss_mb``, which counts shared pages once:
+the adapter's footprint), the latter right after the start too
+(``started_total_pss_mb``), and the peaks (VmHWM; the service's includes
+the 64 MiB that each Argon2 password check of a login holds for a
+moment).
 Run::
 
     .venv/bin/pytest benchmarks/test_bench_engine.py --benchmark-only \
@@ -83,6 +88,37 @@ def rss_mb(pid: int | str = "self", field: str = "VmRSS") -> float:
         if line.startswith(f"{field}:"):
             return int(line.split()[1]) / 1024
     return math.nan
+
+
+def pss_mb(pid: int) -> float:
+    """Proportional resident memory of a process, in MB: pages it shares
+    with other processes (libraries, copy-on-write) count by their share."""
+    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+        if line.startswith("Pss:"):
+            return int(line.split()[1]) / 1024
+    return math.nan
+
+
+def children(pid: int) -> list[int]:
+    """The child processes of ``pid`` (the adapter's OPC UA worker)."""
+    found: list[int] = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        text = (task / "children").read_text().split()
+        found += [int(child) for child in text]
+    return found
+
+
+def adapter_memory(pid: int) -> dict[str, float]:
+    """Resident memory of the adapter and its worker, each and together."""
+    workers = children(pid)
+    main = rss_mb(pid)
+    worker = sum(rss_mb(child) for child in workers)
+    return {
+        "rss_mb": round(main, 1),
+        "worker_rss_mb": round(worker, 1),
+        "total_rss_mb": round(main + worker, 1),
+        "total_pss_mb": round(pss_mb(pid) + sum(pss_mb(c) for c in workers), 1),
+    }
 
 
 def stations(rate: float) -> list[dict[str, Any]]:
@@ -326,7 +362,7 @@ def test_adapter_resident_memory(
     try:
         benchmark.pedantic(start, rounds=1, iterations=1)
         process = started[0]
-        after_start = rss_mb(process.pid)
+        after_start = adapter_memory(process.pid)
 
         with httpx.Client(base_url=base, timeout=120.0) as client:
             login = client.post(
@@ -349,11 +385,16 @@ def test_adapter_resident_memory(
         time.sleep(SETTLE)
 
         assert process.poll() is None
+        at_rest = adapter_memory(process.pid)
+        assert len(children(process.pid)) == 1, "expected one OPC UA worker"
         benchmark.extra_info.update(
             pumps=pumps,
-            started_rss_mb=round(after_start, 1),
-            rss_mb=round(rss_mb(process.pid), 1),
+            started_total_pss_mb=after_start["total_pss_mb"],
+            **at_rest,
             peak_rss_mb=round(rss_mb(process.pid, "VmHWM"), 1),
+            worker_peak_rss_mb=round(
+                sum(rss_mb(c, "VmHWM") for c in children(process.pid)), 1
+            ),
         )
     finally:
         for process in started:

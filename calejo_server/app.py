@@ -380,10 +380,12 @@ class Adapter:
             access_log=self.logging.access_log,
             tls=tls,
         )
-        self.services.append(http)
 
         from calejo_server.protocols.modbus import ModbusServer
 
+        # Modbus first (it fails fast on a port it may not use), then OPC UA
+        # (the slowest: certificates, its worker, the address space), REST
+        # last, so that the REST API answering means the adapter is up.
         modbus = ModbusServer(self.engine, config)
         self.services.append(modbus)
         self.health.register("modbus", modbus.health_check)
@@ -393,10 +395,9 @@ class Adapter:
 
         opcua = OpcUaServer(self.engine, self.security, config, storage=self.storage)
         if opcua.options.enabled:
-            # First: it is the slowest to start (certificates, address space),
-            # and the REST API answering should mean the adapter is up.
-            self.services.insert(0, opcua)
+            self.services.append(opcua)
             self.health.register("opcua", opcua.health_check)
+        self.services.append(http)
         self.health.register("certificates", certificate_check(config, self.services))
 
         from calejo_server.ops.backup_scheduler import BackupScheduler

@@ -121,6 +121,7 @@ _STATUS_RAMPING = gate.STATUS_RAMPING
 _STATUS_REJECTED = gate.STATUS_REJECTED
 
 Identity = tuple[str, int, int]
+_ALL: Final = slice(None)
 """(plan_id, version, interval index): the interval a pump follows."""
 
 
@@ -186,6 +187,7 @@ class Engine:
         self._storage = storage
         self._clock: Clock = clock if clock is not None else SystemClock()
         self._events = EventHub()
+        self._watchers: list[Callable[[int], None]] = []
         self._tick_interval = config.engine.tick_interval
         self._timeout = config.engine.watchdog_timeout
 
@@ -368,6 +370,24 @@ class Engine:
         """
         return self._events.subscribe(callback)
 
+    def watch(self, callback: Callable[[int], None]) -> Callable[[], None]:
+        """Call ``callback(station)`` whenever a request changes what SCADA reads.
+
+        ``station`` is the station's place in configuration order. It runs
+        synchronously, as soon as a setpoint, plan, emergency stop
+        or failsafe has passed the gate and the station's image holds the
+        new values, which is before the change is durable; events
+        (:meth:`subscribe`) come after. Ramps moved by the tick do not call
+        it. It must not block; returns the function that removes it.
+        """
+        self._watchers.append(callback)
+
+        def remove() -> None:
+            with contextlib.suppress(ValueError):
+                self._watchers.remove(callback)
+
+        return remove
+
     # ------------------------------------------------------------------
     # reads
 
@@ -403,6 +423,17 @@ class Engine:
     def pump_index(self, station_id: str, pump_id: str) -> int:
         """The gate's index of the pump (its place across all stations)."""
         return self._pump(self._station(station_id), pump_id)
+
+    def setpoint_ages(self, pumps: slice = _ALL) -> npt.NDArray[np.float64]:
+        """Seconds since each pump's last setpoint, in gate order (NaN: none).
+
+        ``pumps`` picks a range of gate indices (a station's pumps).
+        """
+        return np.maximum(self._clock.monotonic() - self._last_set[pumps], 0.0)
+
+    def plan_ids(self, pumps: slice = _ALL) -> list[str | None]:
+        """The plan each pump follows now, in gate order (None: no plan)."""
+        return [None if held is None else held[0] for held in self._following[pumps]]
 
     def plans(self) -> list[PlanView]:
         now_ts = self._clock.utcnow().timestamp()
@@ -1369,6 +1400,11 @@ class Engine:
         )
         self._write_status(station)
         self._images_dirty = True
+        for callback in self._watchers:
+            try:
+                callback(station.index)
+            except Exception:
+                logger.exception("engine watcher %r failed", callback)
 
     def _write_status(self, station: _Station) -> None:
         bits = 0

@@ -1,4 +1,4 @@
-"""The OPC UA server of the adapter (asyncua).
+"""The OPC UA server of the adapter (asyncua, in a worker process).
 
 SCADA systems browse and subscribe to the live state of every station; the
 values come from the control engine, never from storage, and every
@@ -24,6 +24,7 @@ valid across restarts::
               MaxRate     Double          units per second (inf: no ramp)
               Ramping     Boolean
               SetpointAge Double          seconds since the last setpoint
+              PlanId      String          the plan the pump follows now
       System/
         Heartbeat         UInt32          +1 each second, wraps at 65535
 
@@ -33,13 +34,27 @@ holds its name. They need the ``emergency_stop`` and
 ``clear_emergency_stop`` permissions of the session user's role; a
 refused call answers ``BadUserAccessDenied`` and is audited.
 
-Values reach the nodes through an update task, never inside the engine's
-callbacks: an engine event only marks its station and wakes the task.
-The task runs at once when woken and every ``update_interval_ms``
-otherwise; each run compares the gate's arrays and the stations' status
-registers with what the nodes hold, in bulk, and writes only what
-differs. Stations marked by an event are read whole (setpoint ages), and
-all of them about once a second.
+asyncua's publishing costs milliseconds of CPU per subscription and
+cycle, so the server runs in a worker process of its own
+(:mod:`~calejo_server.protocols.opcua_worker`), at a lower CPU priority,
+and subscriptions never hold up the engine, REST or Modbus. This module is
+the adapter's side of it: :class:`OpcUaServer` binds the listening socket,
+prepares the certificates, starts the worker and restarts it if it ever
+exits, and feeds it the engine's values over a
+:mod:`~calejo_server.protocols.opcua_link`:
+
+- as soon as a request has changed a station (the engine's
+  :meth:`~calejo_server.engine.Engine.watch`), its pumps and status bits,
+  in the same turn of the event loop;
+- every ``update_interval_ms``, whatever moved since (ramps, heartbeat);
+- about once a second, every pump's setpoint age and plan.
+
+Only values that differ from what the worker was last sent are sent; a
+worker that falls behind gets everything afresh once it has caught up.
+Passwords, refusals, audit records and emergency-stop calls come back to
+the adapter, which checks them against its own users and roles; which
+users are active with which role reaches the worker before a change of
+them is acknowledged.
 
 The ``opcua:`` section of the configuration (all keys optional)::
 
@@ -60,6 +75,7 @@ The ``opcua:`` section of the configuration (all keys optional)::
       update_interval_ms: 50
       max_connections: 100
       max_subscriptions: 200
+      worker_nice: 5                       # CPU priority of the worker (0-19)
 
 Security policies may also include ``Aes128_Sha256_RsaOaep``; the
 deprecated ones (Basic128Rsa15, Basic256) are refused. The server
@@ -79,38 +95,43 @@ import errno
 import logging
 import os
 import socket
+import sys
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import urlsplit
 
 import numpy as np
-from asyncua import ua
-from asyncua.common.node import Node
-from asyncua.ua.object_ids import ObjectIds
+import numpy.typing as npt
 from asyncua.ua.status_codes import StatusCodes
 
+import calejo_server
 from calejo_core import codecs, gate
-from calejo_server import certs
+from calejo_server import audit, certs
 from calejo_server.app import AdapterError
 from calejo_server.config import Config, ConfigError
 from calejo_server.engine.errors import EmergencyStopConflict, EngineError
-from calejo_server.engine.events import EngineEvent
-from calejo_server.engine.views import PumpView, RequestContext, StationView
-from calejo_server.protocols.opcua_access import (
-    PROTOCOL,
-    Access,
-    AdapterUaServer,
-    Ruleset,
-    bind_socket,
-    current_caller,
-    numeric_node_id,
-    status,
+from calejo_server.engine.views import RequestContext
+from calejo_server.protocols.opcua_access import PROTOCOL, bind_socket
+from calejo_server.protocols.opcua_link import (
+    VERSION,
+    Link,
+    LinkClosed,
+    LinkError,
+    Message,
+    open_link,
 )
-from calejo_server.protocols.opcua_nodes import Builder, Values, Variable, write
 from calejo_server.protocols.opcua_trust import TrustList
-from calejo_server.security.roles import CLEAR_EMERGENCY_STOP, EMERGENCY_STOP
+from calejo_server.protocols.opcua_worker import NAMESPACE_URI, PRODUCT_URI
+from calejo_server.security.directory import (
+    AuthError,
+    Principal,
+    SecurityError,
+    UnknownUser,
+)
+from calejo_server.security.roles import CLEAR_EMERGENCY_STOP, EMERGENCY_STOP, VIEWER
+from calejo_server.storage.base import AuditRecord, StorageError
 
 if TYPE_CHECKING:
     from calejo_server.api.health import ComponentHealth
@@ -118,10 +139,16 @@ if TYPE_CHECKING:
     from calejo_server.security.directory import Security
     from calejo_server.storage.base import Storage
 
-logger = logging.getLogger(__name__)
+__all__ = [
+    "NAMESPACE_URI",
+    "PRODUCT_URI",
+    "OpcUaConfig",
+    "OpcUaError",
+    "OpcUaServer",
+    "parse_opcua_config",
+]
 
-NAMESPACE_URI: Final = "urn:calejo:control-adapter"
-PRODUCT_URI: Final = "urn:calejo:control-adapter:product"
+logger = logging.getLogger(__name__)
 
 POLICIES: Final[Mapping[str, str]] = {
     "Basic256Sha256": "Basic256Sha256",
@@ -131,20 +158,22 @@ POLICIES: Final[Mapping[str, str]] = {
 """Security policies by their OPC UA names, to asyncua's spelling."""
 
 MODES: Final = ("Sign", "SignAndEncrypt")
-MAX_REASON: Final = 500
 FULL_REFRESH: Final = 1.0
-"""Seconds between reads of every station whole (setpoint ages, limits)."""
-FULL_REFRESH_SHARE: Final = 20.0
-"""A whole read that takes t seconds waits at least 20 t for the next one,
-so that with many pumps it stays under 5 % of the event loop."""
-UPDATE_PACE: Final = 4.0
-"""An update round that works t seconds starts the next after at least 4 t,
-so that the updates take at most a quarter of the event loop."""
-UPDATE_CHUNK: Final = 256
-"""Pumps written between two yields to the event loop."""
-STATUS_RAMPING: Final = int(gate.STATUS_RAMPING)
+"""Seconds between sends of every pump's setpoint age and plan."""
+START_TIMEOUT: Final = 120.0
+"""Seconds a worker may take to build its address space and listen."""
 STOP_TIMEOUT: Final = 2.0
+RESTART_DELAYS: Final = (1.0, 2.0, 5.0, 10.0, 30.0)
+"""Seconds before each attempt to restart a worker that exited; the last
+one repeats."""
+MAX_BACKLOG: Final = 32 * 1024 * 1024
+"""Bytes of values the worker may leave unread before the adapter stops
+sending and, once it has caught up, sends everything afresh."""
+DIRECTORY_TIMEOUT: Final = 1.5
 CERTIFICATE_WARNING: Final = dt.timedelta(days=30)
+WORKER_MODULE: Final = "calejo_server.protocols.opcua_worker"
+MAX_USERNAME: Final = 256
+MAX_PASSWORD: Final = 1024
 
 _KEYS: Final = frozenset(
     {
@@ -164,6 +193,7 @@ _KEYS: Final = frozenset(
         "update_interval_ms",
         "max_connections",
         "max_subscriptions",
+        "worker_nice",
     }
 )
 
@@ -198,6 +228,7 @@ class OpcUaConfig:
     update_interval_ms: float
     max_connections: int
     max_subscriptions: int
+    worker_nice: int = 5
 
 
 def parse_opcua_config(
@@ -257,6 +288,7 @@ def parse_opcua_config(
         update_interval_ms=read.number("update_interval_ms", 50, 5, 1_000),
         max_connections=int(read.number("max_connections", 100, 1, 10_000)),
         max_subscriptions=int(read.number("max_subscriptions", 200, 1, 100_000)),
+        worker_nice=int(read.number("worker_nice", 5, 0, 19)),
     )
 
 
@@ -366,127 +398,15 @@ def _error(where: str, key_path: str, expected: str, got: object) -> ConfigError
     )
 
 
-# The address space.
-
-
-_DOUBLE = ua.VariantType.Double
-_BOOLEAN = ua.VariantType.Boolean
-_UINT16 = ua.VariantType.UInt16
-_UINT32 = ua.VariantType.UInt32
-_STRING = ua.VariantType.String
-
-STATION_VARIABLES: Final = (
-    ("EmergencyStop", _BOOLEAN, "an emergency stop covers a pump of the station"),
-    ("Failsafe", _BOOLEAN, "the watchdog holds the station at its failsafe values"),
-    ("PlanStale", _BOOLEAN, "the newest plan has no interval now or later"),
-    (
-        "Status",
-        _UINT16,
-        "station status bits: 0 emergency stop, 1 failsafe, 2 plan stale, "
-        "3 storage degraded",
-    ),
-)
-PUMP_VARIABLES: Final = (
-    ("Setpoint", _DOUBLE, "the applied setpoint, in the pump's units"),
-    (
-        "Status",
-        _UINT16,
-        "pump status bits: 0 emergency stop, 1 failsafe, 2 clamped, 3 ramping, "
-        "4 last request rejected",
-    ),
-    ("Target", _DOUBLE, "the target the applied setpoint ramps to, in units"),
-    ("MinValue", _DOUBLE, "the lowest setpoint the gate accepts, in units"),
-    ("MaxValue", _DOUBLE, "the highest setpoint the gate accepts, in units"),
-    ("MaxRate", _DOUBLE, "the fastest ramp, units per second (inf: no ramp)"),
-    ("Ramping", _BOOLEAN, "the applied setpoint is moving toward the target"),
-    ("SetpointAge", _DOUBLE, "seconds since the last setpoint (0.1 s steps)"),
-    ("PlanId", _STRING, "the plan whose interval the pump follows now (empty: none)"),
-)
-_STATION_FLAGS: Final = (
-    ("EmergencyStop", codecs.STATION_ESTOP),
-    ("Failsafe", codecs.STATION_FAILSAFE),
-    ("PlanStale", codecs.STATION_PLAN_STALE),
-)
-
-
-@dataclasses.dataclass(slots=True)
-class _StationNodes:
-    station_id: str
-    unit_id: int
-    node_id: ua.NodeId
-    variables: dict[str, Variable]
-    pumps: list[dict[str, Variable]]
-    bits: int = -1
-
-
-def _station_values(
-    nodes: _StationNodes, view: StationView
-) -> list[tuple[Variable, object]]:
-    station = nodes.variables
-    values: list[tuple[Variable, object]] = [
-        (station["EmergencyStop"], view.emergency_stop),
-        (station["Failsafe"], view.failsafe),
-        (station["PlanStale"], view.plan_stale),
-        (station["Status"], view.status & 0xFFFF),
-    ]
-    for pump_nodes, pump in zip(nodes.pumps, view.pumps, strict=False):
-        values += _pump_values(pump_nodes, pump)
-    return values
-
-
-def _pump_values(
-    nodes: Mapping[str, Variable], pump: PumpView
-) -> list[tuple[Variable, object]]:
-    age = pump.setpoint_age
-    limits = pump.limits
-    return [
-        (nodes["Setpoint"], float(pump.applied)),
-        (nodes["Status"], pump.status & 0xFFFF),
-        (nodes["Target"], float(pump.target)),
-        (nodes["MinValue"], float(limits.min_value)),
-        (nodes["MaxValue"], float(limits.max_value)),
-        (nodes["MaxRate"], float(limits.max_rate)),
-        (nodes["Ramping"], pump.ramping),
-        (nodes["SetpointAge"], None if age is None else round(age, 1)),
-        (nodes["PlanId"], pump.plan_id or ""),
-    ]
-
-
-class _Run:
-    """One round of writes: shared data values, yields, the time spent."""
-
-    def __init__(self, aspace: Any) -> None:
-        self.aspace = aspace
-        self.values = Values()
-        self.written = 0
-        self.busy = 0.0
-        self._since = time.monotonic()
-        self._pumps = 0
-
-    async def write(self, variable: Variable, value: object) -> None:
-        self.written += await write(self.aspace, variable, value, self.values)
-
-    async def tick(self, pumps: int) -> None:
-        """Count ``pumps`` written; yield once :data:`UPDATE_CHUNK` are."""
-        self._pumps += pumps
-        if self._pumps >= UPDATE_CHUNK:
-            await self.pause()
-
-    async def pause(self) -> None:
-        """Let the event loop run other tasks; fresh timestamps after."""
-        self._pumps = 0
-        self.stop_clock()
-        await asyncio.sleep(0)
-        self._since = time.monotonic()
-        self.values = Values()
-
-    def stop_clock(self) -> None:
-        now = time.monotonic()
-        self.busy += now - self._since
-        self._since = now
-
-
 # The server.
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _StationFeed:
+    """Where one station's values are found: its unit id and pumps."""
+
+    unit_id: int
+    pumps: slice
 
 
 class OpcUaServer:
@@ -497,6 +417,7 @@ class OpcUaServer:
     ``storage``, when given, receives the audit records of OPC UA sessions
     (logins; refused requests); refused logins and method calls are
     audited through ``security`` and state changes through the engine.
+    The server itself runs in a worker process (see the module doc).
     """
 
     name = "opcua"
@@ -519,41 +440,43 @@ class OpcUaServer:
         self.options = options or parse_opcua_config(config, self.data_dir)
 
         self.application_uri: str | None = None
-        self.namespace_index = 0
         self.trust = TrustList(
             self.options.trust_dir,
             rejected_dir=self.options.rejected_dir,
             crl_dir=self.options.crl_dir,
         )
-        self._server: AdapterUaServer | None = None
-        self._access: Access | None = None
-        self._stations: dict[str, _StationNodes] = {}
-        self._pumps: list[dict[str, Variable] | None] = []
-        self._heartbeat: Variable | None = None
-
-        self._pump_nodes: dict[tuple[str, str], dict[str, Variable]] = {}
-        self._dirty_pumps: set[tuple[str, str]] = set()
-        self._dirty_stations: set[str] = set()
-        self._dirty_all = False
-        self._seen: tuple[Any, Any, Any] | None = None
         self.full_refresh = FULL_REFRESH
-        self._wake = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
-        self._unsubscribe: Callable[[], None] | None = None
-        self._running = False
-        self._certificate: certs.CertificateInfo | None = None
-
-        self.updates = 0
-        self.writes = 0
-        self.update_errors = 0
-        self.last_update_error: str | None = None
-        self.last_update_at: dt.datetime | None = None
         self.build_seconds = 0.0
+        self.restarts = 0
+        self.pid: int | None = None
+
+        self._certificate: certs.CertificateInfo | None = None
+        self._sock: socket.socket | None = None
+        self._process: asyncio.subprocess.Process | None = None
+        self._link: Link | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._feed_task: asyncio.Task[None] | None = None
+        self._supervisor: asyncio.Task[None] | None = None
+        self._removers: list[Callable[[], None]] = []
+        self._running = False
+        self._worker_up = False
+        self._last_exit: str | None = None
+        self._stats: dict[str, Any] = {}
+
+        self._stations: list[_StationFeed] = []
+        self._marked: set[int] = set()
+        self._push_due = False
+        self._behind = False
+        self._seen: tuple[Any, Any, Any] | None = None
+        self._bits: list[int] = []
+        self._heartbeat = -1
+        self._ages: npt.NDArray[np.float64] | None = None
+        self._plans: list[str | None] | None = None
 
     # Life cycle.
 
     async def start(self) -> None:
-        """Load or create the certificates, build the address space, listen.
+        """Bind the endpoint, load or create the certificates, start the worker.
 
         Port 0 listens on a free port; :attr:`endpoint` then names it.
         """
@@ -564,83 +487,76 @@ class OpcUaServer:
             return
 
         started = time.monotonic()
-        sock = self._bind_free_port() if self.options.port == 0 else None
+        self._sock = self._bind()
         try:
             await asyncio.to_thread(self._prepare_certificates)
-            server = await self._build_server()
+            await self._launch()
         except BaseException:
-            if sock is not None:
-                sock.close()
+            await self._end_worker()
+            self._close_socket()
             raise
 
-        try:
-            await server.start(sock=sock)
-        except OSError as exc:
-            await self._discard(server)
-            raise OpcUaError(_listen_error(self.options, exc)) from exc
-        except BaseException:
-            await self._discard(server)
-            raise
-
-        self._server = server
-        self._unsubscribe = self.engine.subscribe(self._on_event)
-        self._task = asyncio.create_task(self._update_forever(), name="opcua-updates")
         self._running = True
+        self._removers = [
+            self.engine.watch(self._changed),
+            self.security.on_access_change(self._send_directory),
+        ]
+        self._feed_task = asyncio.create_task(self._feed_forever(), name="opcua-feed")
         logger.info(
-            "opc ua server listening on %s (%s; %s%s%s; %d stations, %d pumps) "
-            "in %.1f s",
+            "opc ua server listening on %s (%s; %s%s%s; %d stations, %d pumps; "
+            "worker pid %s) in %.1f s",
             self.options.endpoint,
             ", ".join(self.options.security_policies),
             ", ".join(self.options.security_modes),
             "; anonymous allowed" if self.options.allow_anonymous else "",
             "; none endpoint" if self.options.allow_none_endpoint else "",
             len(self._stations),
-            sum(1 for pump in self._pumps if pump is not None),
+            self.engine.gate.n_pumps,
+            self.pid,
             time.monotonic() - started,
         )
 
-    def _bind_free_port(self) -> socket.socket:
+    async def stop(self) -> None:
+        """Stop feeding, close every session and the listening socket."""
+        was_running, self._running = self._running, False
+        for remove in self._removers:
+            remove()
+        self._removers = []
+
+        for task in (self._feed_task, self._supervisor):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        self._feed_task = self._supervisor = None
+
+        await self._end_worker()
+        self._close_socket()
+        if was_running:
+            logger.info("opc ua server stopped")
+
+    def _bind(self) -> socket.socket:
         options = self.options
         try:
-            sock = bind_socket(options.host, 0)
+            sock = bind_socket(options.host, options.port)
         except OSError as exc:
             raise OpcUaError(_listen_error(options, exc)) from exc
 
-        port = int(sock.getsockname()[1])
-        parts = urlsplit(options.endpoint)
-        path = parts.path if parts.path not in ("", "/") else ""
-        self.options = dataclasses.replace(
-            options,
-            port=port,
-            endpoint=f"opc.tcp://{_url_host(options.host)}:{port}{path}",
-        )
+        if options.port == 0:
+            port = int(sock.getsockname()[1])
+            parts = urlsplit(options.endpoint)
+            path = parts.path if parts.path not in ("", "/") else ""
+            self.options = dataclasses.replace(
+                options,
+                port=port,
+                endpoint=f"opc.tcp://{_url_host(options.host)}:{port}{path}",
+            )
         return sock
 
-    async def stop(self) -> None:
-        """Stop the updates, close every session and the listening socket."""
-        if self._unsubscribe is not None:
-            self._unsubscribe()
-            self._unsubscribe = None
-
-        task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-
-        server, self._server = self._server, None
-        self._running = False
-        if server is not None:
-            await self._discard(server)
-            logger.info("opc ua server stopped")
-
-    async def _discard(self, server: AdapterUaServer) -> None:
-        try:
-            await asyncio.wait_for(server.stop(), STOP_TIMEOUT)
-        except (TimeoutError, OSError) as exc:
-            logger.warning("opc ua server did not stop cleanly: %s", exc)
-        except Exception:
-            logger.exception("opc ua server did not stop cleanly")
+    def _close_socket(self) -> None:
+        sock, self._sock = self._sock, None
+        if sock is not None:
+            sock.close()
 
     def addresses(self) -> list[str]:
         """Where clients reach the server (for the start-up log)."""
@@ -679,165 +595,550 @@ class OpcUaServer:
         """When the server certificate expires (None before start)."""
         return self._certificate.not_after if self._certificate else None
 
-    # Building.
+    # The worker.
 
-    async def _build_server(self) -> AdapterUaServer:
-        options = self.options
-        policy_types = [
-            getattr(ua.SecurityPolicyType, f"{POLICIES[policy]}_{mode}")
-            for policy in options.security_policies
-            for mode in options.security_modes
-        ]
-        if options.allow_none_endpoint:
-            policy_types.insert(0, ua.SecurityPolicyType.NoSecurity)
-
-        policy_uris = {
-            f"http://opcfoundation.org/UA/SecurityPolicy#{policy}"
-            for policy in options.security_policies
-        }
-        access = Access(
-            self.security,
-            self.trust,
-            policy_uris=policy_uris,
-            allow_none=options.allow_none_endpoint,
-            allow_anonymous=options.allow_anonymous,
-            storage=self.storage,
-        )
-        server = AdapterUaServer(access, options.min_publishing_interval_ms)
-        self._access = access
-
-        files = certs.CertificateFiles(options.certificate_dir)
-        server.iserver.certificate = certs.load_certificate(files.server_cert)
-        server.iserver.private_key = certs.load_private_key(files.server_key)
-        server.iserver.max_connections = options.max_connections
-        server.iserver.max_subscriptions = options.max_subscriptions
-        server.allow_remote_admin(False)
-
-        await server.init()
-        assert self.application_uri is not None
-        await server.set_application_uri(self.application_uri)
-        server.product_uri = PRODUCT_URI
-        server.manufacturer_name = "Calejo"
-        server.set_server_name(options.server_name)
-        server.set_endpoint(options.endpoint)
-        server.socket_address = (options.host, options.port)
-        server.set_security_policy(policy_types, permission_ruleset=Ruleset(access))
-        tokens: list[type] = [ua.UserNameIdentityToken]
-        if options.allow_anonymous:
-            tokens.insert(0, ua.AnonymousIdentityToken)
-        server.set_identity_tokens(tokens)
-
-        self.namespace_index = await server.register_namespace(NAMESPACE_URI)
-        started = time.monotonic()
-        await self._build_address_space(server)
-        self.build_seconds = time.monotonic() - started
-        return server
-
-    async def _build_address_space(self, server: AdapterUaServer) -> None:
-        aspace = server.iserver.aspace
-        build = Builder(aspace, self.namespace_index)
-        objects = numeric_node_id(ObjectIds.ObjectsFolder)
-        stations = build.folder(
-            objects, "PumpStations", "PumpStations", "the pump stations"
-        )
-        system = build.object(objects, "System", "System", "the adapter")
-        heartbeat = build.variables(
-            system,
-            "System",
-            (("Heartbeat", _UINT32, "+1 each second, wraps at 65535"),),
-        )
-        self._heartbeat = heartbeat["Heartbeat"]
-        values = Values()
-        await write(aspace, self._heartbeat, self.engine.heartbeat & 0xFFFFFFFF, values)
-
-        self._stations = {}
-        self._pumps = [None] * self.engine.gate.n_pumps
-        self._pump_nodes = {}
-        self._seen = None
-        for view in self.engine.stations():
-            nodes = self._build_station(build, stations, view)
-            for variable, value in _station_values(nodes, view):
-                await write(aspace, variable, value, values)
-            self._stations[view.station_id] = nodes
-
-            node = server.get_node(nodes.node_id)
-            await self._method(node, view.station_id, activate=True)
-            await self._method(node, view.station_id, activate=False)
-            await asyncio.sleep(0)
-
-    def _build_station(
-        self, build: Builder, parent: ua.NodeId, view: StationView
-    ) -> _StationNodes:
-        base = f"PumpStations/{view.station_id}"
-        station = build.object(parent, base, view.station_id, view.name)
-        nodes = _StationNodes(
-            view.station_id,
-            view.unit_id,
-            station,
-            build.variables(station, base, STATION_VARIABLES),
-            [],
-        )
-
-        pumps = build.folder(station, f"{base}/Pumps", "Pumps", "the pumps")
-        for pump in view.pumps:
-            path = f"{base}/Pumps/{pump.pump_id}"
-            node = build.object(
-                pumps, path, pump.pump_id, f"{pump.name} ({pump.units})"
+    async def _launch(self) -> None:
+        """Start a worker, hand it everything, wait until it listens."""
+        assert self._sock is not None
+        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            process = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                WORKER_MODULE,
+                "--link-fd",
+                str(child.fileno()),
+                "--listen-fd",
+                str(self._sock.fileno()),
+                pass_fds=(child.fileno(), self._sock.fileno()),
+                stdin=asyncio.subprocess.DEVNULL,
+                env=self._worker_env(),
             )
-            variables = build.variables(node, path, PUMP_VARIABLES)
-            nodes.pumps.append(variables)
-            index = self.engine.pump_index(view.station_id, pump.pump_id)
-            self._pumps[index] = variables
-            self._pump_nodes[(view.station_id, pump.pump_id)] = variables
-        return nodes
+        except OSError as exc:
+            parent.close()
+            raise OpcUaError(
+                f"opc ua worker could not be started with {sys.executable}: "
+                f"{exc.strerror or exc}"
+            ) from exc
+        except BaseException:
+            parent.close()
+            raise
+        finally:
+            child.close()
 
-    def _node_id(self, path: str) -> ua.NodeId:
-        return ua.NodeId(path, self.namespace_index)  # type: ignore[arg-type]
-
-    async def _method(self, station: Node, station_id: str, *, activate: bool) -> None:
-        name = "ActivateEmergencyStop" if activate else "ClearEmergencyStop"
-        reason = ua.Argument(
-            Name="Reason",
-            DataType=numeric_node_id(ObjectIds.String),
-            ValueRank=-1,
-            Description=ua.LocalizedText(
-                f"why the emergency stop is {'activated' if activate else 'cleared'} "
-                f"(1 to {MAX_REASON} characters)"
-            ),
+        self._process = process
+        self.pid = process.pid
+        link = await open_link(
+            parent,
+            on_message=self._on_message,
+            on_request=self._on_request,
+            name="opc ua link",
         )
-        active = ua.Argument(
-            Name="Active",
-            DataType=numeric_node_id(ObjectIds.Boolean),
-            ValueRank=-1,
-            Description=ua.LocalizedText("an emergency stop still covers the station"),
+        self._link = link
+        self._spawn(link.run(), "opcua-link")
+
+        stations = self._topology()
+        self._reset_feed()
+        init = {
+            "version": VERSION,
+            "settings": self._settings(),
+            "stations": stations,
+            "directory": self._directory(),
+            "values": self._collect(everything=True) or {},
+        }
+        try:
+            reply = await link.request("init", START_TIMEOUT, **init)
+        except LinkError as exc:
+            raise OpcUaError(f"opc ua server: {exc}") from None
+        except (LinkClosed, TimeoutError):
+            code = process.returncode
+            raise OpcUaError(
+                "opc ua worker "
+                + (f"exited with code {code}" if code is not None else "did not answer")
+                + f" while starting (within {START_TIMEOUT:.0f} s); see the log above"
+            ) from None
+
+        self.build_seconds = float(reply.get("build_seconds") or 0.0)
+        self._worker_up = True
+        self._supervisor = asyncio.create_task(
+            self._supervise(process), name="opcua-supervisor"
         )
 
-        async def handler(parent: ua.NodeId, *args: ua.Variant) -> Any:
-            return await self._call_emergency_stop(station_id, activate, args)
+    def _worker_env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        package_root = str(Path(calejo_server.__file__).resolve().parents[1])
+        paths = [package_root, *filter(None, env.get("PYTHONPATH", "").split(":"))]
+        env["PYTHONPATH"] = ":".join(dict.fromkeys(paths))
+        env["CALEJO_OPCUA_LOG_LEVEL"] = str(logging.getLogger().getEffectiveLevel())
+        return env
 
-        await station.add_method(
-            self._node_id(f"PumpStations/{station_id}/{name}"),
-            ua.QualifiedName(name, self.namespace_index),
-            handler,
-            [reason],
-            [active],
+    async def _end_worker(self) -> None:
+        """Ask the worker to stop; end it if it does not within the limit."""
+        self._worker_up = False
+        link, self._link = self._link, None
+        process, self._process = self._process, None
+        if link is not None:
+            if process is not None and process.returncode is None:
+                with contextlib.suppress(LinkClosed, LinkError, TimeoutError):
+                    await link.request("stop", STOP_TIMEOUT + 1.0)
+            link.close()
+
+        if process is not None and process.returncode is None:
+            try:
+                await asyncio.wait_for(process.wait(), STOP_TIMEOUT)
+            except TimeoutError:
+                logger.warning(
+                    "opc ua worker (pid %d) did not stop; ending it", process.pid
+                )
+                with contextlib.suppress(ProcessLookupError):
+                    process.kill()
+                await process.wait()
+
+        for task in list(self._tasks):
+            task.cancel()
+
+    async def _supervise(self, process: asyncio.subprocess.Process) -> None:
+        """Restart the worker whenever it exits while the server runs."""
+        code = await process.wait()
+        if process is not self._process:
+            return
+
+        self._worker_up = False
+        self._last_exit = f"worker (pid {process.pid}) exited with code {code}"
+        if self._link is not None:
+            self._link.close()
+            self._link = None
+        self._process = None
+
+        for attempt in range(1_000_000):
+            delay = RESTART_DELAYS[min(attempt, len(RESTART_DELAYS) - 1)]
+            logger.error(
+                "opc ua %s; clients are cut off; restarting it in %.0f s",
+                self._last_exit,
+                delay,
+            )
+            await asyncio.sleep(delay)
+            if not self._running:
+                return
+            try:
+                await self._launch()
+            except (OpcUaError, OSError) as exc:
+                await self._end_worker()
+                self._last_exit = str(exc)
+                continue
+            self.restarts += 1
+            logger.warning(
+                "opc ua worker restarted (pid %s; restart %d)", self.pid, self.restarts
+            )
+            return
+
+    def _spawn(self, coroutine: Any, name: str) -> None:
+        task = asyncio.create_task(coroutine, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _settings(self) -> dict[str, Any]:
+        options = self.options
+        files = certs.CertificateFiles(options.certificate_dir)
+        return {
+            "endpoint": options.endpoint,
+            "host": options.host,
+            "port": options.port,
+            "server_name": options.server_name,
+            "application_uri": self.application_uri,
+            "policies": [POLICIES[policy] for policy in options.security_policies],
+            "policy_uris": [
+                f"http://opcfoundation.org/UA/SecurityPolicy#{policy}"
+                for policy in options.security_policies
+            ],
+            "modes": list(options.security_modes),
+            "allow_anonymous": options.allow_anonymous,
+            "allow_none_endpoint": options.allow_none_endpoint,
+            "certificate": str(files.server_cert),
+            "key": str(files.server_key),
+            "trust_dir": str(options.trust_dir),
+            "rejected_dir": str(options.rejected_dir),
+            "crl_dir": str(options.crl_dir),
+            "min_publishing_interval_ms": options.min_publishing_interval_ms,
+            "max_connections": options.max_connections,
+            "max_subscriptions": options.max_subscriptions,
+            "nice": options.worker_nice,
+            "bits": {
+                "EmergencyStop": codecs.STATION_ESTOP,
+                "Failsafe": codecs.STATION_FAILSAFE,
+                "PlanStale": codecs.STATION_PLAN_STALE,
+                "Ramping": int(gate.STATUS_RAMPING),
+            },
+        }
+
+    def _topology(self) -> list[dict[str, Any]]:
+        stations: list[dict[str, Any]] = []
+        self._stations = []
+        for view in self.engine.stations():
+            pumps: list[dict[str, Any]] = []
+            for pump in view.pumps:
+                limits = pump.limits
+                rate = float(limits.max_rate)
+                pumps.append(
+                    {
+                        "pump_id": pump.pump_id,
+                        "name": pump.name,
+                        "units": pump.units,
+                        "index": self.engine.pump_index(view.station_id, pump.pump_id),
+                        "min_value": float(limits.min_value),
+                        "max_value": float(limits.max_value),
+                        "max_rate": rate if np.isfinite(rate) else None,
+                    }
+                )
+            first = int(pumps[0]["index"]) if pumps else 0
+            self._stations.append(
+                _StationFeed(view.unit_id, slice(first, first + len(pumps)))
+            )
+            stations.append(
+                {
+                    "station_id": view.station_id,
+                    "name": view.name,
+                    "unit_id": view.unit_id,
+                    "pumps": pumps,
+                }
+            )
+        return stations
+
+    # Values.
+
+    def _changed(self, station: int) -> None:
+        """Engine watcher: a request changed ``station``; send it this turn."""
+        self._marked.add(station)
+        if self._push_due or not self._worker_up:
+            return
+        self._push_due = True
+        asyncio.get_running_loop().call_soon(self._push_marked)
+
+    def _push_marked(self) -> None:
+        self._push_due = False
+        marked, self._marked = self._marked, set()
+        self._push(stations=marked)
+
+    async def _feed_forever(self) -> None:
+        interval = self.options.update_interval_ms / 1000.0
+        next_full = time.monotonic() + self.full_refresh
+        while True:
+            await asyncio.sleep(interval)
+            now = time.monotonic()
+            full = now >= next_full
+            if full:
+                next_full = now + self.full_refresh
+            self._marked.clear()
+            self._push(full=full)
+
+    def _push(self, *, stations: set[int] | None = None, full: bool = False) -> None:
+        """Send what changed: of ``stations`` only, or of all (``full``: ages too)."""
+        link = self._link
+        if link is None or link.closed or not self._worker_up:
+            return
+        if link.backlog() > MAX_BACKLOG:
+            if not self._behind:
+                logger.warning(
+                    "opc ua worker is %d bytes behind; holding values until it "
+                    "catches up",
+                    link.backlog(),
+                )
+            self._behind = True
+            return
+
+        everything, self._behind = self._behind, False
+        try:
+            message = self._collect(stations=stations, full=full, everything=everything)
+            if message is not None:
+                link.send(message)
+        except (LinkClosed, ConnectionError):
+            return
+        except Exception:
+            logger.exception("opc ua values could not be sent; sending all next time")
+            self._behind = True
+
+    def _reset_feed(self) -> None:
+        self._seen = None
+        self._bits = [-1] * len(self._stations)
+        self._heartbeat = -1
+        self._ages = None
+        self._plans = None
+        self._marked.clear()
+
+    def _collect(
+        self,
+        *,
+        stations: set[int] | None = None,
+        full: bool = False,
+        everything: bool = False,
+    ) -> Message | None:
+        """The ``values`` message of what differs from what was last sent."""
+        engine = self.engine
+        pumps = engine.gate
+        applied, target, status = pumps.applied, pumps.target, pumps.status
+        message: Message = {}
+
+        seen = self._seen
+        if everything or seen is None or len(seen[0]) != len(applied):
+            index = np.arange(len(applied))
+            self._seen = (applied.copy(), target.copy(), status.copy())
+        else:
+            spans = (
+                [self._stations[k].pumps for k in sorted(stations)]
+                if stations is not None
+                else [slice(0, len(applied))]
+            )
+            found = []
+            for span in spans:
+                now_a, now_t, now_s = applied[span], target[span], status[span]
+                was_a, was_t, was_s = seen[0][span], seen[1][span], seen[2][span]
+                differs = (
+                    _differ(now_a, was_a) | _differ(now_t, was_t) | (now_s != was_s)
+                )
+                hits = np.flatnonzero(differs)
+                if hits.size:
+                    found.append(hits + (span.start or 0))
+                    was_a[hits], was_t[hits], was_s[hits] = (
+                        now_a[hits],
+                        now_t[hits],
+                        now_s[hits],
+                    )
+            index = np.concatenate(found) if found else np.empty(0, dtype=np.intp)
+        if index.size:
+            message["pumps"] = {
+                "index": index,
+                "applied": applied[index],
+                "target": target[index],
+                "status": status[index],
+            }
+
+        images = engine.images
+        picked = (
+            sorted(stations)
+            if stations is not None and not everything
+            else range(len(self._stations))
+        )
+        changed_stations, changed_bits = [], []
+        for k in picked:
+            image = images.get(self._stations[k].unit_id)
+            if image is None:
+                continue
+            bits = int(image.registers[codecs.STATION_STATUS])
+            if bits != self._bits[k] or everything:
+                self._bits[k] = bits
+                changed_stations.append(k)
+                changed_bits.append(bits)
+        if changed_stations:
+            message["stations"] = {"index": changed_stations, "bits": changed_bits}
+
+        heartbeat = engine.heartbeat
+        if heartbeat != self._heartbeat or everything:
+            self._heartbeat = heartbeat
+            message["heartbeat"] = heartbeat
+
+        if full or everything or self._ages is None:
+            self._collect_slow(message, None, everything=everything)
+        elif stations:
+            for k in sorted(stations):
+                self._collect_slow(message, self._stations[k].pumps)
+
+        if not message:
+            return None
+        message["op"] = "values"
+        message["at"] = time.time()
+        return message
+
+    def _collect_slow(
+        self, message: Message, span: slice | None, *, everything: bool = False
+    ) -> None:
+        """Setpoint ages and plans that changed, of ``span`` or of all pumps."""
+        engine = self.engine
+        if span is None or self._ages is None or self._plans is None:
+            ages = np.round(engine.setpoint_ages(), 1)
+            last = self._ages
+            if everything or last is None or len(last) != len(ages):
+                index = np.arange(len(ages))
+            else:
+                index = np.flatnonzero(_differ(ages, last))
+            self._ages = ages
+            plans = engine.plan_ids()
+            before = self._plans
+            if everything or before is None or len(before) != len(plans):
+                moved = list(range(len(plans)))
+            else:
+                pairs = enumerate(zip(plans, before, strict=True))
+                moved = [k for k, (now, was) in pairs if now != was]
+            self._plans = plans
+            first = 0
+        else:
+            ages = np.round(engine.setpoint_ages(span), 1)
+            last = self._ages[span]
+            index = np.flatnonzero(_differ(ages, last))
+            last[index] = ages[index]
+            plans = engine.plan_ids(span)
+            before = self._plans[span]
+            moved = [k for k, now in enumerate(plans) if now != before[k]]
+            first = span.start or 0
+            for k in moved:
+                self._plans[first + k] = plans[k]
+
+        if index.size:
+            _extend(message, "ages", index=index + first, age=ages[index])
+        if moved:
+            _extend(
+                message,
+                "plans",
+                index=[first + k for k in moved],
+                plan=[plans[k] for k in moved],
+            )
+
+    # What the worker asks.
+
+    def _on_message(self, message: Message) -> None:
+        op = message["op"]
+        if op == "stats":
+            self._stats = message
+        elif op == "log":
+            _relay_log(message)
+        else:
+            logger.warning("opc ua worker sent an unknown message %r", op[:40])
+
+    async def _on_request(self, message: Message) -> Message | None:
+        op = message["op"]
+        if op == "check_password":
+            return await self._check_password(message)
+        if op == "deny":
+            await self._deny(message)
+            return None
+        if op == "audit":
+            await self._audit(message)
+            return None
+        if op == "emergency_stop":
+            return await self._emergency_stop(message)
+        raise ValueError(f"unknown request {op[:40]!r}")
+
+    def _directory(self) -> Message:
+        return {
+            "users": {
+                view.user_id: [view.active, view.role] for view in self.security.users()
+            },
+            "roles": {
+                role: list(perms) for role, perms in self.security.roles().items()
+            },
+        }
+
+    async def _send_directory(self) -> None:
+        """Security watcher: hand the worker the users and roles as they are now."""
+        link = self._link
+        if link is None or link.closed or not self._worker_up:
+            return
+        with contextlib.suppress(LinkClosed, LinkError):
+            await link.request("directory", DIRECTORY_TIMEOUT, **self._directory())
+
+    async def _check_password(self, message: Message) -> Message:
+        username, password = message.get("username"), message.get("password")
+        source = _text(message.get("source"))
+        if (
+            not isinstance(username, str)
+            or not isinstance(password, str)
+            or len(username) > MAX_USERNAME
+            or len(password) > MAX_PASSWORD
+        ):
+            return {"refused": "auth", "message": "invalid username or password"}
+
+        try:
+            principal = await self.security.check_password(
+                username, password, source, PROTOCOL
+            )
+        except AuthError as exc:
+            return {"refused": "auth", "message": str(exc)}
+        except SecurityError as exc:
+            return {"refused": "security", "message": str(exc)}
+
+        return {
+            "principal": {
+                "user_id": principal.user_id,
+                "username": principal.username,
+                "role": principal.role,
+                "permissions": sorted(principal.permissions),
+                "must_change_password": principal.must_change_password,
+            },
+            "directory": self._directory(),
+        }
+
+    def _principal(self, user_id: object) -> Principal | None:
+        if not isinstance(user_id, str):
+            return None
+        try:
+            view = self.security.user(user_id)
+        except UnknownUser:
+            return None
+        return Principal(
+            user_id=view.user_id,
+            username=view.username,
+            role=view.role,
+            permissions=self.security.permissions_of(view.role),
+            must_change_password=view.must_change_password,
         )
 
-    # Methods.
+    async def _deny(self, message: Message) -> None:
+        code = message.get("status")
+        await self.security.deny(
+            status=403 if code == 403 else 401,
+            reason=_text(message.get("reason")) or "refused",
+            principal=self._principal(message.get("user_id")),
+            source=_text(message.get("source")),
+            protocol=PROTOCOL,
+            method=_text(message.get("method")) or "?",
+            path=_text(message.get("path")) or "session",
+            permission=_text(message.get("permission")),
+        )
 
-    async def _call_emergency_stop(
-        self, station_id: str, activate: bool, args: Sequence[object]
-    ) -> list[ua.Variant] | ua.StatusCode:
+    async def _audit(self, message: Message) -> None:
+        if self.storage is None:
+            return
+        rows = message.get("records")
+        if not isinstance(rows, list):
+            raise ValueError("expected a list of records")
+
+        records = []
+        for row in rows[:100]:
+            event_type = _text(row.get("event_type")) or audit.ACCESS_DENIED
+            details = row.get("details")
+            records.append(
+                AuditRecord(
+                    event_type=event_type,
+                    severity=audit.severity_of(event_type),
+                    timestamp=_timestamp(row.get("timestamp")),
+                    user=_text(row.get("user")),
+                    source_address=_text(row.get("source_address")),
+                    protocol=PROTOCOL,
+                    outcome=_text(row.get("outcome")),
+                    details=details if isinstance(details, dict) else {},
+                )
+            )
+        try:
+            await self.storage.write(records)
+        except StorageError as exc:
+            raise ValueError(f"storage refused the records: {exc}") from None
+
+    async def _emergency_stop(self, message: Message) -> Message:
+        station_id = _text(message.get("station_id")) or ""
+        activate = message.get("activate") is True
+        address = _text(message.get("address"))
         name = "ActivateEmergencyStop" if activate else "ClearEmergencyStop"
         permission = EMERGENCY_STOP if activate else CLEAR_EMERGENCY_STOP
-        caller = current_caller()
-        access = self._access
-        user = caller.user if caller is not None else None
-        principal = user.principal if user is not None else None
-        address = caller.address if caller is not None else None
 
-        permissions = access.permissions(user) if access is not None else None
-        if permissions is None or permission not in permissions:
+        user_id = message.get("user_id")
+        principal = self._principal(user_id)
+        if user_id is None and self.options.allow_anonymous:
+            permissions = self.security.permissions_of(VIEWER)
+        elif principal is not None and self.security.user(principal.user_id).active:
+            permissions = principal.permissions
+        else:
+            permissions = frozenset()
+
+        if permission not in permissions:
             logger.warning(
                 "opc ua %s at station %r refused for %s from %s: no %s permission",
                 name,
@@ -856,11 +1157,13 @@ class OpcUaServer:
                 path=f"PumpStations/{station_id}/{name}",
                 permission=permission,
             )
-            return status(StatusCodes.BadUserAccessDenied)
+            return {"result": "denied", "code": StatusCodes.BadUserAccessDenied}
 
-        reason = _reason(args)
-        if isinstance(reason, ua.StatusCode):
-            return reason
+        bad = message.get("bad_argument")
+        reason = _text(message.get("reason"))
+        if isinstance(bad, int) or reason is None:
+            code = bad if isinstance(bad, int) else StatusCodes.BadInvalidArgument
+            return {"result": "bad_argument", "code": code}
 
         username = principal.username if principal else None
         ctx = RequestContext(user=username, source_address=address, protocol=PROTOCOL)
@@ -876,167 +1179,11 @@ class OpcUaServer:
                 )
         except EmergencyStopConflict as exc:
             logger.info("opc ua %s at station %r: %s", name, station_id, exc)
-            return status(StatusCodes.BadInvalidState)
+            return {"result": "conflict", "code": StatusCodes.BadInvalidState}
         except EngineError as exc:
             logger.warning("opc ua %s at station %r failed: %s", name, station_id, exc)
-            return status(StatusCodes.BadInvalidArgument)
-
-        self._dirty_stations.add(station_id)
-        self._wake.set()
-        return [ua.Variant(bool(stops.active), _BOOLEAN)]
-
-    # Updates.
-
-    def _on_event(self, event: EngineEvent) -> None:
-        """Engine callback: mark what changed and wake the update task."""
-        if event.station_id is None:
-            self._dirty_all = True
-        elif event.pump_id is None:
-            self._dirty_stations.add(event.station_id)
-        else:
-            self._dirty_pumps.add((event.station_id, event.pump_id))
-        self._wake.set()
-
-    async def _update_forever(self) -> None:
-        interval = self.options.update_interval_ms / 1000.0
-        now = time.monotonic()
-        next_pass = now
-        next_regular = now + interval
-        next_full = now + self.full_refresh
-        while True:
-            wait = next_regular - time.monotonic()
-            if wait > 0:
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(wait):
-                        await self._wake.wait()
-            pause = next_pass - time.monotonic()
-            if pause > 0:
-                await asyncio.sleep(pause)
-            self._wake.clear()
-
-            started = time.monotonic()
-            full = started >= next_full
-            try:
-                busy = await self.refresh(full=full)
-            except Exception as exc:
-                busy = time.monotonic() - started
-                self.update_errors += 1
-                if self.last_update_error != str(exc):
-                    logger.exception("opc ua update failed; retrying")
-                self.last_update_error = str(exc)
-
-            next_pass = started + UPDATE_PACE * busy
-            next_regular = started + max(interval, UPDATE_PACE * busy)
-            if full:
-                next_full = started + max(self.full_refresh, FULL_REFRESH_SHARE * busy)
-
-    async def refresh(self, *, full: bool = False) -> float:
-        """Write the values that changed; returns the seconds spent working.
-
-        Every call writes what engine events marked (a pump, a station,
-        everything), then compares the gate's arrays (applied, target,
-        status) and the stations' status registers with what the nodes
-        hold, in bulk, and writes the pumps and stations that differ. With
-        ``full``, every station is read whole (setpoint ages, limits,
-        plans). Long runs yield to the event loop every
-        :data:`UPDATE_CHUNK` pumps; the time spent away is not counted.
-        """
-        server = self._server
-        if server is None:
-            return 0.0
-
-        run = _Run(server.iserver.aspace)
-        await self._write_marked(run)
-        await self._refresh_station_bits(run)
-        await self._refresh_pumps(run)
-
-        if full:
-            for station_id in list(self._stations):
-                await self._write_station(run, station_id)
-                await run.pause()
-                await self._write_marked(run)
-
-        if self._heartbeat is not None:
-            await run.write(self._heartbeat, self.engine.heartbeat & 0xFFFFFFFF)
-
-        run.stop_clock()
-        self.updates += 1
-        self.writes += run.written
-        self.last_update_at = dt.datetime.now(dt.UTC)
-        self.last_update_error = None
-        return run.busy
-
-    async def _write_marked(self, run: _Run) -> None:
-        if self._dirty_all:
-            self._dirty_all = False
-            self._dirty_pumps.clear()
-            self._dirty_stations.update(self._stations)
-
-        while self._dirty_pumps:
-            station_id, pump_id = self._dirty_pumps.pop()
-            nodes = self._pump_nodes.get((station_id, pump_id))
-            if nodes is None:
-                continue
-            pump = self.engine.pump(station_id, pump_id)
-            for variable, value in _pump_values(nodes, pump):
-                await run.write(variable, value)
-            await run.tick(1)
-
-        while self._dirty_stations:
-            station_id = self._dirty_stations.pop()
-            await self._write_station(run, station_id)
-            await run.pause()
-
-    async def _write_station(self, run: _Run, station_id: str) -> None:
-        nodes = self._stations.get(station_id)
-        if nodes is None:
-            return
-        view = self.engine.station(station_id)
-        for variable, value in _station_values(nodes, view):
-            await run.write(variable, value)
-
-    async def _refresh_pumps(self, run: _Run) -> None:
-        gate = self.engine.gate
-        applied, target, status = (
-            gate.applied.copy(),
-            gate.target.copy(),
-            gate.status.copy(),
-        )
-        seen = self._seen
-        changed: Iterable[int]
-        if seen is None or len(seen[0]) != len(applied):
-            changed = range(len(applied))
-        else:
-            differs = (applied != seen[0]) | (target != seen[1]) | (status != seen[2])
-            changed = np.flatnonzero(differs).tolist()
-        self._seen = (applied, target, status)
-
-        pumps = self._pumps
-        for index in changed:
-            nodes = pumps[index] if index < len(pumps) else None
-            if nodes is None:
-                continue
-            bits = int(status[index])
-            await run.write(nodes["Setpoint"], float(applied[index]))
-            await run.write(nodes["Target"], float(target[index]))
-            await run.write(nodes["Status"], bits & 0xFFFF)
-            await run.write(nodes["Ramping"], bool(bits & STATUS_RAMPING))
-            await run.tick(1)
-
-    async def _refresh_station_bits(self, run: _Run) -> None:
-        images = self.engine.images
-        for nodes in self._stations.values():
-            image = images.get(nodes.unit_id)
-            if image is None:
-                continue
-            bits = int(image.registers[codecs.STATION_STATUS])
-            if bits == nodes.bits:
-                continue
-            nodes.bits = bits
-            variables = nodes.variables
-            for name, mask in _STATION_FLAGS:
-                await run.write(variables[name], bool(bits & mask))
-            await run.write(variables["Status"], bits & 0xFFFF)
+            return {"result": "invalid", "code": StatusCodes.BadInvalidArgument}
+        return {"result": "ok", "active": bool(stops.active)}
 
     # Health.
 
@@ -1050,25 +1197,26 @@ class OpcUaServer:
                 "endpoint": options.endpoint,
             }
 
-        server = self._server
-        connections, sessions = server.sessions() if server is not None else (0, 0)
-        subscriptions = (
-            len(server.iserver.subscription_service.subscriptions) if server else 0
-        )
+        stats = self._stats if self._worker_up else {}
         expiry = self.certificate_expiry()
         now = dt.datetime.now(dt.UTC)
+        error = stats.get("last_update_error")
 
         expiring = expiry is not None and expiry - now < CERTIFICATE_WARNING
         if not self._running:
             state, detail = "down", "not listening"
-        elif self.last_update_error is not None:
-            state, detail = "degraded", f"updates failing: {self.last_update_error}"
+        elif not self._worker_up:
+            state, detail = (
+                "down",
+                f"{self._last_exit or 'worker not running'}; restarting",
+            )
+        elif error is not None:
+            state, detail = "degraded", f"updates failing: {error}"
         elif expiring:
             state, detail = "degraded", f"server certificate expires {expiry:%Y-%m-%d}"
         else:
             state, detail = "ok", f"listening on {options.endpoint}"
 
-        access = self._access
         return {
             "state": state,
             "detail": detail,
@@ -1078,23 +1226,24 @@ class OpcUaServer:
             "security_modes": list(options.security_modes),
             "allow_anonymous": options.allow_anonymous,
             "allow_none_endpoint": options.allow_none_endpoint,
-            "connections": connections,
-            "sessions": sessions,
-            "subscriptions": subscriptions,
-            "refused_channels": access.refused_channels if access else 0,
-            "refused_logins": access.refused_logins if access else 0,
-            "refused_requests": access.refused_requests if access else 0,
+            "worker_pid": self.pid if self._worker_up else None,
+            "worker_restarts": self.restarts,
+            "last_worker_exit": self._last_exit,
+            "connections": int(stats.get("connections", 0)),
+            "sessions": int(stats.get("sessions", 0)),
+            "subscriptions": int(stats.get("subscriptions", 0)),
+            "refused_channels": int(stats.get("refused_channels", 0)),
+            "refused_logins": int(stats.get("refused_logins", 0)),
+            "refused_requests": int(stats.get("refused_requests", 0)),
             "trusted_certificates": self.trust.size,
             "certificate_expires": expiry.isoformat() if expiry else None,
             "certificate_days_left": (
                 round((expiry - now).total_seconds() / 86400, 1) if expiry else None
             ),
-            "updates": self.updates,
-            "update_errors": self.update_errors,
-            "last_update_error": self.last_update_error,
-            "last_update_at": self.last_update_at.isoformat()
-            if self.last_update_at
-            else None,
+            "updates": int(stats.get("updates", 0)),
+            "update_errors": int(stats.get("update_errors", 0)),
+            "last_update_error": error,
+            "last_update_at": stats.get("last_update_at"),
         }
 
     def health_check(self) -> ComponentHealth:
@@ -1109,20 +1258,47 @@ class OpcUaServer:
         return ComponentHealth(state, detail, data, critical=self.options.enabled)
 
 
-def _reason(args: Sequence[object]) -> str | ua.StatusCode:
-    if not args:
-        return status(StatusCodes.BadArgumentsMissing)
-    if len(args) > 1:
-        return status(StatusCodes.BadTooManyArguments)
+def _extend(message: Message, key: str, **columns: Any) -> None:
+    """Add rows to a column group of a ``values`` message."""
+    rows = {
+        name: values.tolist() if isinstance(values, np.ndarray) else list(values)
+        for name, values in columns.items()
+    }
+    group = message.setdefault(key, {name: [] for name in rows})
+    for name, values in rows.items():
+        group[name].extend(values)
 
-    value = args[0].Value if isinstance(args[0], ua.Variant) else args[0]
-    if not isinstance(value, str):
-        return status(StatusCodes.BadTypeMismatch)
 
-    reason = value.strip()
-    if not 0 < len(reason) <= MAX_REASON or not reason.isprintable():
-        return status(StatusCodes.BadInvalidArgument)
-    return reason
+def _differ(now: npt.NDArray[Any], was: npt.NDArray[Any]) -> npt.NDArray[np.bool_]:
+    """Element-wise: the values differ (two NaNs are alike)."""
+    same: npt.NDArray[np.bool_] = (now == was) | (np.isnan(now) & np.isnan(was))
+    return ~same
+
+
+def _text(value: object, limit: int = 1024) -> str | None:
+    return value[:limit] if isinstance(value, str) else None
+
+
+def _timestamp(value: object) -> dt.datetime:
+    if isinstance(value, str):
+        with contextlib.suppress(ValueError):
+            stamp = dt.datetime.fromisoformat(value)
+            if stamp.tzinfo is not None:
+                return stamp
+    return dt.datetime.now(dt.UTC)
+
+
+def _relay_log(message: Mapping[str, Any]) -> None:
+    """Log a record of the worker as if it were the adapter's own."""
+    name = _text(message.get("name"), 200) or "calejo_server.protocols.opcua_worker"
+    level = message.get("level")
+    level = level if isinstance(level, int) else logging.INFO
+    target = logging.getLogger(name)
+    if not target.isEnabledFor(level):
+        return
+    text = _text(message.get("message"), 20_000) or ""
+    exc = _text(message.get("exc"), 20_000)
+    target.log(level, "%s%s", text, f"\n{exc.rstrip()}" if exc else "")
 
 
 def _listen_error(options: OpcUaConfig, exc: OSError) -> str:

@@ -41,8 +41,8 @@ import datetime as dt
 import logging
 import socket
 import weakref
-from collections.abc import Collection
-from typing import TYPE_CHECKING, Any
+from collections.abc import Collection, Sequence
+from typing import Any, Protocol
 
 from asyncua import ua
 from asyncua.common.connection import TransportLimits
@@ -64,15 +64,11 @@ from calejo_server.protocols.opcua_trust import Refusal, TrustList, first_certif
 from calejo_server.security.directory import (
     AuthError,
     Principal,
-    Security,
     SecurityError,
     UnknownUser,
 )
 from calejo_server.security.roles import READ_PUMP_STATUS, VIEWER
 from calejo_server.storage.base import AuditRecord, StorageError
-
-if TYPE_CHECKING:
-    from calejo_server.storage.base import Storage
 
 logger = logging.getLogger(__name__)
 
@@ -208,6 +204,51 @@ _ANONYMOUS = _Login(None, None)
 _REFUSED = _Login("", None)
 
 
+class Account(Protocol):
+    """A user as far as access goes."""
+
+    @property
+    def active(self) -> bool: ...
+
+    @property
+    def role(self) -> str: ...
+
+
+class Directory(Protocol):
+    """The users and roles that sessions are checked against.
+
+    :class:`~calejo_server.security.Security` is one; the OPC UA worker
+    process has one that asks the adapter.
+    """
+
+    async def check_password(
+        self, username: str, password: str, source: str | None, protocol: str
+    ) -> Principal: ...
+
+    async def deny(
+        self,
+        *,
+        status: int,
+        reason: str,
+        principal: Principal | None,
+        source: str | None,
+        protocol: str,
+        method: str,
+        path: str,
+        permission: str | None = None,
+    ) -> None: ...
+
+    def user(self, user_id: str) -> Account: ...
+
+    def permissions_of(self, role: str) -> frozenset[str]: ...
+
+
+class AuditSink(Protocol):
+    """Where the audit records of sessions go (the adapter's storage)."""
+
+    async def write(self, records: Sequence[Any]) -> Any: ...
+
+
 class ChannelRefused(Exception):
     """A secure channel the server will not open; ``code`` says why."""
 
@@ -221,13 +262,13 @@ class Access(UserManager):
 
     def __init__(
         self,
-        security: Security,
+        security: Directory,
         trust: TrustList,
         *,
         policy_uris: Collection[str],
         allow_none: bool,
         allow_anonymous: bool,
-        storage: Storage | None = None,
+        storage: AuditSink | None = None,
     ) -> None:
         self.security = security
         self.trust = trust

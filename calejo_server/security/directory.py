@@ -18,7 +18,7 @@ import datetime as dt
 import logging
 import re
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any, Protocol
 
 from calejo_server import audit
@@ -59,6 +59,7 @@ EMAIL_PATTERN = r"[^@\s]{1,64}@[^@\s]{1,189}"
 ADMIN_USERNAME = "admin"
 ADMIN_EMAIL = "admin@localhost"
 SWEEP_INTERVAL = 30.0
+ACCESS_CHANGE_TIMEOUT = 2.0
 LOGIN_FAILED = "invalid username or password"
 MAX_LOGGED_USERNAME = 64
 
@@ -282,6 +283,7 @@ class Security:
         self._dummy_hash = ""
         self._sweeper: asyncio.Task[None] | None = None
         self._listeners: list[Callable[[AuditRecord], None]] = []
+        self._access_watchers: list[Callable[[], Awaitable[None]]] = []
 
     # -- life cycle ----------------------------------------------------------
 
@@ -328,6 +330,38 @@ class Security:
                 self._listeners.remove(callback)
 
         return remove
+
+    def on_access_change(
+        self, callback: Callable[[], Awaitable[None]]
+    ) -> Callable[[], None]:
+        """Await ``callback()`` whenever what some user may do has changed.
+
+        That is a user's role or active state, or a role's permissions. It
+        runs once the change is durable and before the call that made it
+        returns, at most :data:`ACCESS_CHANGE_TIMEOUT` seconds (logged when
+        longer), so that front ends holding sessions of their own (OPC UA)
+        apply a revocation before it is acknowledged. Returns its remover.
+        """
+        self._access_watchers.append(callback)
+
+        def remove() -> None:
+            with contextlib.suppress(ValueError):
+                self._access_watchers.remove(callback)
+
+        return remove
+
+    async def _access_changed(self) -> None:
+        for callback in tuple(self._access_watchers):
+            try:
+                await asyncio.wait_for(callback(), ACCESS_CHANGE_TIMEOUT)
+            except TimeoutError:
+                logger.warning(
+                    "security: %r did not apply an access change within %.0f s",
+                    callback,
+                    ACCESS_CHANGE_TIMEOUT,
+                )
+            except Exception:
+                logger.exception("security: %r failed on an access change", callback)
 
     def _tell(self, record: AuditRecord) -> AuditRecord:
         for callback in tuple(self._listeners):
@@ -979,6 +1013,9 @@ class Security:
             if revoke:
                 self.tokens.revoke_user(user_id)
 
+        if "role" in changes or "active" in changes:
+            await self._access_changed()
+
         logger.info(
             "user %r changed by %s: %s",
             updated.username,
@@ -1123,6 +1160,8 @@ class Security:
             )
             await self.storage.write([RoleRecord(role, perms), record])
             self._set_grants(role, perms)
+
+        await self._access_changed()
 
         logger.info("role %r changed by %s: %s", role, ctx.user, ", ".join(perms))
         return perms

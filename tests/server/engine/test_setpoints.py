@@ -373,3 +373,43 @@ async def test_concurrent_requests_are_all_durable_and_chained(
     assert (await harness.storage.audit_verify()).ok
     engine = await harness.restart(engine)
     assert engine.pump("north", "p2").target == values[-1]
+
+
+async def test_watchers_hear_of_a_change_before_it_is_durable(
+    make_engine: MakeEngine,
+) -> None:
+    engine = await make_engine()
+    heard: list[tuple[int, float]] = []
+
+    def watcher(station: int) -> None:
+        heard.append(
+            (station, float(engine.gate.target[engine.pump_index("south", "p1")]))
+        )
+
+    remove = engine.watch(watcher)
+    pending = asyncio.ensure_future(engine.set_setpoint("south", "p1", 41.0, CTX))
+    await asyncio.sleep(0)
+    assert heard == [(1, 41.0)]
+    assert not pending.done()
+    await pending
+
+    await engine.emergency_stop("station", "north", None, "test", "tester", CTX)
+    assert heard[-1][0] == 0
+
+    remove()
+    await engine.set_setpoint("south", "p1", 42.0, CTX)
+    assert len(heard) == 2
+
+
+async def test_setpoint_ages_and_plans_in_gate_order(make_engine: MakeEngine) -> None:
+    engine = await make_engine()
+    assert np.isnan(engine.setpoint_ages()).all()
+    assert engine.plan_ids() == [None, None, None]
+
+    await engine.set_setpoint("north", "p2", 30.0, CTX)
+    ages = engine.setpoint_ages()
+    index = engine.pump_index("north", "p2")
+    assert 0.0 <= ages[index] < 5.0
+    assert np.isnan(np.delete(ages, index)).all()
+    assert list(engine.setpoint_ages(slice(index, index + 1))) == [ages[index]]
+    assert engine.plan_ids(slice(0, 2)) == [None, None]

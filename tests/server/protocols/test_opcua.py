@@ -59,6 +59,20 @@ async def eventually(
     return value
 
 
+async def until_health(
+    adapter: Any, ready: Callable[[dict[str, Any]], bool], timeout: float = SETTLE
+) -> dict[str, Any]:
+    """The OPC UA health once ``ready`` holds (the worker's counters reach
+    the adapter a moment after the event); fails after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    health = dict(adapter.server.health())
+    while not ready(health):
+        assert time.monotonic() < deadline, health
+        await asyncio.sleep(0.02)
+        health = dict(adapter.server.health())
+    return health
+
+
 async def audit_rows(adapter: Any, event_type: str) -> list[AuditRow]:
     return list(
         await adapter.storage.audit_query(AuditQuery(event_type=event_type, limit=1000))
@@ -464,11 +478,11 @@ def test_untrusted_client_certificate_is_refused(harness: Any, adapter: Any) -> 
         with _quiet():
             await client.disconnect()
         assert caught.value.code == ua.StatusCodes.BadCertificateUntrusted
+        await until_health(adapter, lambda h: h["refused_channels"] >= 1)
 
     harness.run(scenario())
     rejected = list(adapter.server.options.rejected_dir.iterdir())
     assert [path.suffix for path in rejected] == [".der"]
-    assert adapter.server.health()["refused_channels"] >= 1
 
 
 def test_a_user_who_must_change_the_password_is_refused(
@@ -677,12 +691,14 @@ def test_system_emergency_stop_reaches_every_station(
 def test_health_reports_sessions_and_certificate(harness: Any, adapter: Any) -> None:
     async def scenario() -> dict[str, Any]:
         async with harness.client(adapter, "watcher"):
-            return dict(adapter.server.health())
+            return await until_health(
+                adapter, lambda h: h["sessions"] >= 1 and h["connections"] >= 1
+            )
 
     health = harness.run(scenario())
     assert health["state"] == "ok"
     assert health["endpoint"] == adapter.url
-    assert health["sessions"] >= 1 and health["connections"] >= 1
+    assert health["worker_pid"] == adapter.server.pid
     assert health["trusted_certificates"] == 1
 
     expiry = adapter.server.certificate_expiry()

@@ -203,6 +203,17 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def until_health(running: Running, ready: Any, timeout: float = WAIT) -> bool:
+    """Whether the OPC UA health satisfies ``ready`` within ``timeout``: the
+    worker's counters reach the adapter a moment after what they count."""
+    deadline = time.monotonic() + timeout
+    while not ready(running.opcua.health()):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
 @pytest.fixture(scope="module")
 def running(opcua_harness: Any) -> Iterator[Running]:
     folder = opcua_harness.folder / "whole-adapter"
@@ -250,9 +261,14 @@ def test_serve_listens_on_a_free_port_and_reports_health(
         client = await running.client()
         async with client:
             await client.create_subscription(100, Changes())
-            answer = await asyncio.to_thread(running.http.get, "/health/detailed")
-            assert answer.status_code == 200, answer.text
-            return dict(answer.json()["components"]["opcua"])
+            deadline = time.monotonic() + WAIT
+            while True:
+                answer = await asyncio.to_thread(running.http.get, "/health/detailed")
+                assert answer.status_code == 200, answer.text
+                health = dict(answer.json()["components"]["opcua"])
+                if health["subscriptions"] or time.monotonic() > deadline:
+                    return health
+                await asyncio.sleep(0.05)
 
     health = opcua_harness.run(with_session(), timeout=30.0)
     assert health["state"] == "ok"
@@ -398,7 +414,7 @@ def test_anonymous_wrong_password_and_untrusted_certificate_are_refused(
     assert len(new) == 2
     assert {row["protocol"] for row in new} == {"OPCUA"}
     assert any(row["user"] == SCADA for row in new)
-    assert running.opcua.health()["refused_channels"] >= 1
+    assert until_health(running, lambda h: h["refused_channels"] >= 1)
 
 
 def test_writes_are_refused_and_audited_once_per_session(
@@ -420,7 +436,7 @@ def test_writes_are_refused_and_audited_once_per_session(
 
     refused = running.opcua.health()["refused_requests"]
     opcua_harness.run(scenario(), timeout=30.0)
-    assert running.opcua.health()["refused_requests"] == refused + 3
+    assert until_health(running, lambda h: h["refused_requests"] == refused + 3)
     writes = [
         row
         for row in running.audit("ACCESS_DENIED")

@@ -2,20 +2,24 @@
 
 The adapter builds its nodes into asyncua's address space directly,
 sharing what is alike between them. These tests put a variable made the
-usual asyncua way beside one of the adapter's, on the same server, and
-hold the two to the same attributes and references as a client sees them.
+usual asyncua way (AddNodes, on a plain asyncua server beside the
+adapter) next to one of the adapter's, and hold the two to the same
+attributes and references as a client sees them.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import pytest
-from asyncua import ua
+from asyncua import Client, Server, ua
 from asyncua.server.address_space import AttributeValue
 
 from calejo_server.protocols.opcua_nodes import Attributes
+from tests.server.protocols.conftest import free_port
 
 ALL_ATTRIBUTES = [attribute for attribute in ua.AttributeIds]
 IDENTITY = {
@@ -33,12 +37,16 @@ def adapter(opcua_harness: Any) -> Any:
 
 
 @pytest.fixture(scope="module")
-def native(opcua_harness: Any, adapter: Any) -> ua.NodeId:
-    """A Double variable made by asyncua's AddNodes, under a plain object."""
+def native(opcua_harness: Any) -> Iterator[tuple[str, ua.NodeId]]:
+    """A Double variable made by asyncua's AddNodes under a plain object, on
+    a plain asyncua server; its endpoint and node id."""
+    url = f"opc.tcp://127.0.0.1:{free_port()}"
+    server = Server()
 
     async def make() -> ua.NodeId:
-        server = adapter.server._server
-        ns = adapter.server.namespace_index
+        await server.init()
+        server.set_endpoint(url)
+        ns = await server.register_namespace("urn:calejo-tests:native")
         holder = await server.nodes.objects.add_object(
             ua.NodeId("Native", ns), ua.QualifiedName("Native", ns)
         )
@@ -48,9 +56,24 @@ def native(opcua_harness: Any, adapter: Any) -> ua.NodeId:
             1.5,
             varianttype=ua.VariantType.Double,
         )
+        await server.start()
         return variable.nodeid
 
-    return opcua_harness.run(make())
+    node_id = opcua_harness.run(make())
+    try:
+        yield url, node_id
+    finally:
+        opcua_harness.run(server.stop())
+
+
+@asynccontextmanager
+async def plain_client(url: str) -> AsyncIterator[Client]:
+    client = Client(url, timeout=5)
+    await client.connect()
+    try:
+        yield client
+    finally:
+        await client.disconnect()
 
 
 async def read_all(client: Any, node_id: ua.NodeId) -> dict[int, ua.DataValue]:
@@ -60,13 +83,17 @@ async def read_all(client: Any, node_id: ua.NodeId) -> dict[int, ua.DataValue]:
 
 
 def test_variable_attributes_match_asyncuas_own(
-    opcua_harness: Any, adapter: Any, native: ua.NodeId
+    opcua_harness: Any, adapter: Any, native: tuple[str, ua.NodeId]
 ) -> None:
+    url, native_id = native
+
     async def scenario() -> tuple[dict[int, Any], dict[int, Any]]:
         async with opcua_harness.client(adapter, "watcher") as client:
             ns = await adapter.namespace(client)
             ours = ua.NodeId("PumpStations/north/Pumps/p1/Setpoint", ns)
-            return await read_all(client, ours), await read_all(client, native)
+            mine = await read_all(client, ours)
+        async with plain_client(url) as client:
+            return mine, await read_all(client, native_id)
 
     ours, theirs = opcua_harness.run(scenario())
 
@@ -92,8 +119,10 @@ def test_variable_attributes_match_asyncuas_own(
 
 
 def test_references_have_the_shape_of_asyncuas_own(
-    opcua_harness: Any, adapter: Any, native: ua.NodeId
+    opcua_harness: Any, adapter: Any, native: tuple[str, ua.NodeId]
 ) -> None:
+    url, native_id = native
+
     def shape(references: list[Any]) -> set[tuple[Any, ...]]:
         return {
             (r.ReferenceTypeId, r.IsForward, r.NodeClass, r.TypeDefinition)
@@ -104,10 +133,11 @@ def test_references_have_the_shape_of_asyncuas_own(
         async with opcua_harness.client(adapter, "watcher") as client:
             ns = await adapter.namespace(client)
             ours = client.get_node(ua.NodeId("PumpStations/north/Pumps/p1/Target", ns))
-            theirs = client.get_node(native)
             both = ua.BrowseDirection.Both
             mine = await ours.get_references(direction=both)
-            native_refs = await theirs.get_references(direction=both)
+            async with plain_client(url) as plain:
+                theirs = plain.get_node(native_id)
+                native_refs = await theirs.get_references(direction=both)
             assert shape(mine) == shape(native_refs)
 
             parent = next(r for r in mine if not r.IsForward)

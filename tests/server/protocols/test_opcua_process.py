@@ -185,8 +185,13 @@ def test_serve_answers_scada_and_the_cli_and_stops_on_sigterm(
     session = Session(url, cert, key)
     try:
         assert session.ready.wait(30.0) and not session.errors, session.errors
-        health = httpx.get(f"{adapter.api}/health/detailed", timeout=10).json()
-        assert health["components"]["opcua"]["sessions"] == 1
+        deadline = time.monotonic() + 10.0
+        sessions = None
+        while sessions != 1 and time.monotonic() < deadline:
+            health = httpx.get(f"{adapter.api}/health/detailed", timeout=10).json()
+            sessions = health["components"]["opcua"]["sessions"]
+            time.sleep(0.05)
+        assert sessions == 1
 
         started = time.monotonic()
         code = adapter.stop(signal.SIGTERM)
