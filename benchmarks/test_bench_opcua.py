@@ -381,6 +381,7 @@ SUBSCRIPTIONS = 100
 ACK_ROUNDS = 300
 ADMIN_PASSWORD = "bench-opcua-passphrase-42"
 START_TIMEOUT = 120.0
+SUBSCRIBER_NICE = 19
 
 _acks: dict[str, list[float]] = {}
 
@@ -430,8 +431,15 @@ async def _subscribe_many(
 
 
 def subscriber_main(url: str, cert: str, key: str, password: str) -> None:
-    """Entry point of the subscriber process: runs until stdin closes."""
+    """Entry point of the subscriber process: runs until stdin closes.
+
+    It stands in for SCADA machines, which in the field run elsewhere: on
+    this one machine it runs at the lowest CPU priority, so that decrypting
+    its notifications does not take the CPU the adapter would have.
+    """
     import logging
+
+    os.nice(SUBSCRIBER_NICE)
 
     # asyncua warns of every revised subscription parameter.
     logging.getLogger("asyncua").setLevel(logging.ERROR)

@@ -60,6 +60,7 @@ from asyncua.ua.ua_binary import struct_from_binary, uatcp_to_binary
 from asyncua.ua.uaerrors import UaError
 
 from calejo_server import audit
+from calejo_server.protocols.opcua_link import PROTOCOL
 from calejo_server.protocols.opcua_trust import Refusal, TrustList, first_certificate
 from calejo_server.security.directory import (
     AuthError,
@@ -72,7 +73,6 @@ from calejo_server.storage.base import AuditRecord, StorageError
 
 logger = logging.getLogger(__name__)
 
-PROTOCOL = "OPCUA"
 MAX_USERNAME = 256
 MAX_PASSWORD = 1024
 BUFFER_BYTES = 65535
@@ -89,24 +89,6 @@ def numeric_node_id(identifier: int) -> ua.NodeId:
 def status(code: int) -> ua.StatusCode:
     """An OPC UA status code (asyncua annotates its ints as its own type)."""
     return ua.StatusCode(code)  # type: ignore[arg-type]
-
-
-def bind_socket(host: str, port: int) -> socket.socket:
-    """A TCP socket bound to ``host:port`` (0: a free port), not listening yet."""
-    family, kind, protocol, _, address = socket.getaddrinfo(
-        host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-    )[0]
-    sock = socket.socket(family, kind, protocol)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if family == socket.AF_INET6:
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-        sock.bind(address)
-    except OSError:
-        sock.close()
-        raise
-    sock.setblocking(False)
-    return sock
 
 
 def _ids(*names: str) -> frozenset[ua.NodeId]:

@@ -1,5 +1,9 @@
 """The link between the adapter and its OPC UA worker process.
 
+It also holds what both ends agree on without asyncua (which only the
+worker loads): the namespace, the protocol name in audit records, the
+listening socket the adapter binds for the worker.
+
 The two ends talk over a Unix socket pair that the adapter creates and
 hands to the worker when it starts it. Each frame is a 4-byte big-endian
 length and one JSON object (orjson, NumPy arrays allowed) with an ``op``.
@@ -22,6 +26,7 @@ import contextlib
 import inspect
 import itertools
 import logging
+import socket
 import struct
 from collections.abc import Awaitable, Callable
 from typing import Any, Final
@@ -30,6 +35,10 @@ import orjson
 
 logger = logging.getLogger(__name__)
 
+NAMESPACE_URI: Final = "urn:calejo:control-adapter"
+PRODUCT_URI: Final = "urn:calejo:control-adapter:product"
+PROTOCOL: Final = "OPCUA"
+"""The protocol named in the audit records of OPC UA sessions."""
 VERSION: Final = 1
 """The version of the messages; ``init`` carries it, and a worker of another
 version refuses to start (the adapter was upgraded without a restart)."""
@@ -41,6 +50,24 @@ _OPTIONS: Final = orjson.OPT_SERIALIZE_NUMPY
 
 Message = dict[str, Any]
 Handler = Callable[[Message], Awaitable[Message | None] | Message | None]
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to ``host:port`` (0: a free port), not listening yet."""
+    family, kind, protocol, _, address = socket.getaddrinfo(
+        host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )[0]
+    sock = socket.socket(family, kind, protocol)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        sock.bind(address)
+    except OSError:
+        sock.close()
+        raise
+    sock.setblocking(False)
+    return sock
 
 
 class LinkClosed(ConnectionError):

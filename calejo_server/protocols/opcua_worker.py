@@ -55,10 +55,14 @@ from calejo_server.protocols.opcua_access import (
     Access,
     AdapterUaServer,
     Ruleset,
+    SessionUser,
+    current_caller,
     numeric_node_id,
     status,
 )
 from calejo_server.protocols.opcua_link import (
+    NAMESPACE_URI,
+    PRODUCT_URI,
     VERSION,
     Link,
     LinkClosed,
@@ -78,8 +82,6 @@ from calejo_server.storage.base import AuditRecord, StorageError
 
 logger = logging.getLogger(__name__)
 
-NAMESPACE_URI: Final = "urn:calejo:control-adapter"
-PRODUCT_URI: Final = "urn:calejo:control-adapter:product"
 MAX_REASON: Final = 500
 UPDATE_CHUNK: Final = 256
 """Pumps written between two yields to the event loop."""
@@ -126,6 +128,14 @@ PUMP_VARIABLES: Final = (
 STATION_FLAGS: Final = ("EmergencyStop", "Failsafe", "PlanStale")
 """The station's Boolean variables, each one bit of its status register; the
 adapter sends which bit (``settings["bits"]``), as its core defines them."""
+
+
+_REFUSALS: Final = {
+    "denied": StatusCodes.BadUserAccessDenied,
+    "conflict": StatusCodes.BadInvalidState,
+    "invalid": StatusCodes.BadInvalidArgument,
+}
+"""The adapter's verdicts on an emergency-stop call, to OPC UA status codes."""
 
 
 # What the worker asks of the adapter.
@@ -298,6 +308,7 @@ class Worker:
         self.last_update_error: str | None = None
         self.last_update_at: dt.datetime | None = None
         self.build_seconds = 0.0
+        self.standard_nodes = "loaded"
         self.stopped = asyncio.Event()
         self._stats_task: asyncio.Task[None] | None = None
 
@@ -348,8 +359,15 @@ class Worker:
         self.ramping_bit = int(bits["Ramping"])
         nice = int(settings.get("nice", 0))
         if nice > 0:
-            with contextlib.suppress(OSError):
+            try:
                 os.nice(nice)
+            except OSError as exc:
+                logger.warning(
+                    "opc ua worker: could not lower its CPU priority by %d (%s); "
+                    "it runs at the adapter's priority",
+                    nice,
+                    exc.strerror or exc,
+                )
         self.directory.load(init.get("directory") or {})
 
         server = await self._build_server(settings)
@@ -369,6 +387,7 @@ class Worker:
         return {
             "build_seconds": self.build_seconds,
             "pumps": sum(1 for pump in self.pumps if pump is not None),
+            "stats": self.stats(),
         }
 
     async def stop(self) -> None:
@@ -422,7 +441,10 @@ class Worker:
         server.iserver.max_subscriptions = settings["max_subscriptions"]
         server.allow_remote_admin(False)
 
-        await server.init()
+        cached = settings.get("standard_nodes")
+        shelf = Path(cached) if cached and Path(cached).is_file() else None
+        await server.init(shelf)
+        self.standard_nodes = "cached" if shelf is not None else "loaded"
         await server.set_application_uri(settings["application_uri"])
         server.product_uri = PRODUCT_URI
         server.manufacturer_name = "Calejo"
@@ -539,8 +561,6 @@ class Worker:
         self, station_id: str, activate: bool, args: Sequence[object]
     ) -> list[ua.Variant] | ua.StatusCode:
         """The adapter checks the caller's permission, audits, and acts."""
-        from calejo_server.protocols.opcua_access import SessionUser, current_caller
-
         caller = current_caller()
         user = caller.user if caller is not None else None
         if not isinstance(user, SessionUser) or self.link is None:
@@ -568,10 +588,9 @@ class Worker:
         result = reply.get("result")
         if result == "ok":
             return [ua.Variant(bool(reply.get("active")), _BOOLEAN)]
-        code = reply.get("code")
-        if isinstance(code, int):
-            return status(code)
-        return status(StatusCodes.BadUserAccessDenied)
+        if result == "bad_argument" and isinstance(reply.get("code"), int):
+            return status(reply["code"])
+        return status(_REFUSALS.get(str(result), StatusCodes.BadUserAccessDenied))
 
     # Values.
 
@@ -706,6 +725,7 @@ class Worker:
                 self.last_update_at.isoformat() if self.last_update_at else None
             ),
             "build_seconds": self.build_seconds,
+            "standard_nodes": self.standard_nodes,
         }
 
     async def _send_stats_forever(self) -> None:
@@ -814,15 +834,55 @@ async def serve(link_fd: int, listen_fd: int | None) -> int:
     return 0
 
 
+async def make_standard_nodes(path: Path) -> None:
+    """Cache asyncua's standard address space in a shelf at ``path``.
+
+    Loaded from the shelf, the worker reads the standard nodes from disk as
+    clients ask for them instead of holding all of them (about 50 MB) in
+    memory. The files are written under a temporary name and ``path``
+    itself comes last, so that a cache cut short is never used.
+    """
+    import shelve
+
+    from asyncua.server.server import Server
+
+    temporary = path.with_name(f".{path.name}.{os.getpid()}")
+    server = Server()
+    await server.iserver.load_standard_address_space(None)
+    await asyncio.to_thread(server.iserver.aspace.make_aspace_shelf, temporary)
+
+    made = sorted(temporary.parent.glob(f"{temporary.name}*"))
+    for file in made:
+        file.replace(path.with_name(path.name + file.name[len(temporary.name) :]))
+    if not path.is_file() and not path.with_suffix(".db").is_file():
+        path.write_text("asyncua standard address space; see the files beside\n")
+
+    with shelve.open(str(path), "r") as shelf:
+        if "i=84" not in shelf:
+            raise RuntimeError(f"{path}: the shelf lacks the root node i=84")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m calejo_server.protocols.opcua_worker",
         description="The OPC UA worker of the Calejo Control Adapter "
         "(started by 'calejo serve', not by hand).",
     )
-    parser.add_argument("--link-fd", type=int, required=True)
+    parser.add_argument("--link-fd", type=int)
     parser.add_argument("--listen-fd", type=int, default=None)
+    parser.add_argument(
+        "--make-standard-nodes",
+        type=Path,
+        metavar="PATH",
+        help="cache the standard address space at PATH and exit",
+    )
     args = parser.parse_args(argv)
+
+    if args.make_standard_nodes is not None:
+        asyncio.run(make_standard_nodes(args.make_standard_nodes))
+        return 0
+    if args.link_fd is None:
+        parser.error("--link-fd is required")
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)

@@ -55,7 +55,25 @@ def test_worker_is_a_process_of_its_own_at_lower_priority(adapter: Any) -> None:
     assert os.getpriority(os.PRIO_PROCESS, server.pid) == (
         os.getpriority(os.PRIO_PROCESS, 0) + server.options.worker_nice
     )
-    assert server.options.worker_nice == 5
+    assert server.options.worker_nice == 10
+
+
+def test_the_standard_nodes_are_read_from_their_cache(
+    opcua_harness: Any, adapter: Any
+) -> None:
+    """The cache is made before the first worker starts; the worker reads
+    the standard nodes from it as clients ask (the server's own objects)."""
+    assert adapter.server.standard_nodes.is_file()
+    assert adapter.server.health()["standard_nodes"] == "cached"
+
+    async def scenario() -> None:
+        async with opcua_harness.client(adapter) as client:
+            state = client.get_node(ua.NodeId(ua.ObjectIds.Server_ServerStatus_State))
+            assert await state.read_value() == ua.ServerState.Running
+            names = await client.get_namespace_array()
+            assert "urn:calejo:control-adapter" in names
+
+    opcua_harness.run(scenario())
 
 
 def test_a_killed_worker_is_restarted_on_the_same_endpoint(
