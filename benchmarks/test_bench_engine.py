@@ -61,7 +61,7 @@ from pytest_benchmark.fixture import BenchmarkFixture
 
 import calejo_core.reference.codecs as reference_codecs
 import calejo_core.reference.gate as reference_gate
-from benchmarks.support import adapter_env, free_port, wait_http
+from benchmarks.support import adapter_env, children, free_port, wait_http
 from calejo_server.config import load_config
 from calejo_server.engine import Engine, ManualClock, RequestContext, SetpointItem
 from calejo_server.storage import open_storage
@@ -97,15 +97,6 @@ def pss_mb(pid: int) -> float:
         if line.startswith("Pss:"):
             return int(line.split()[1]) / 1024
     return math.nan
-
-
-def children(pid: int) -> list[int]:
-    """The child processes of ``pid`` (the adapter's OPC UA worker)."""
-    found: list[int] = []
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        text = (task / "children").read_text().split()
-        found += [int(child) for child in text]
-    return found
 
 
 def adapter_memory(pid: int) -> dict[str, float]:

@@ -172,6 +172,12 @@ MAX_BACKLOG: Final = 32 * 1024 * 1024
 """Bytes of values the worker may leave unread before the adapter stops
 sending and, once it has caught up, sends everything afresh."""
 DIRECTORY_TIMEOUT: Final = 1.5
+SILENCE_LIMIT: Final = 5.0
+"""Seconds without a word from the worker (it reports every second) after
+which the health check calls it unresponsive."""
+HANG_LIMIT: Final = 30.0
+"""Seconds without a word after which the worker is taken for hung and
+ended; the supervisor starts another."""
 CERTIFICATE_WARNING: Final = dt.timedelta(days=30)
 WORKER_MODULE: Final = "calejo_server.protocols.opcua_worker"
 MAX_USERNAME: Final = 256
@@ -448,6 +454,8 @@ class OpcUaServer:
             crl_dir=self.options.crl_dir,
         )
         self.full_refresh = FULL_REFRESH
+        self.silence_limit = SILENCE_LIMIT
+        self.hang_limit = HANG_LIMIT
         self.build_seconds = 0.0
         self.restarts = 0
         self.pid: int | None = None
@@ -464,6 +472,8 @@ class OpcUaServer:
         self._worker_up = False
         self._last_exit: str | None = None
         self._stats: dict[str, Any] = {}
+        self._heard = 0.0
+        self._silent = False
 
         self._stations: list[_StationFeed] = []
         self._marked: set[int] = set()
@@ -715,6 +725,8 @@ class OpcUaServer:
         self.build_seconds = float(reply.get("build_seconds") or 0.0)
         stats = reply.get("stats")
         self._stats = stats if isinstance(stats, dict) else {}
+        self._heard = time.monotonic()
+        self._silent = False
         self._worker_up = True
         self._supervisor = asyncio.create_task(
             self._supervise(process), name="opcua-supervisor"
@@ -887,6 +899,29 @@ class OpcUaServer:
                 next_full = now + self.full_refresh
             self._marked.clear()
             self._push(full=full)
+            self._check_alive(now)
+
+    def _check_alive(self, now: float) -> None:
+        """A worker that sends nothing for ``hang_limit`` seconds is hung:
+        end it, and the supervisor starts another."""
+        if not self._worker_up or self._process is None:
+            return
+        silent = now - self._heard
+        if silent < self.silence_limit:
+            self._silent = False
+            return
+        if not self._silent:
+            self._silent = True
+            logger.error(
+                "opc ua worker (pid %s) has sent nothing for %.0f s; ending it "
+                "after %.0f s",
+                self.pid,
+                silent,
+                self.hang_limit,
+            )
+        if silent >= self.hang_limit:
+            with contextlib.suppress(ProcessLookupError):
+                self._process.kill()
 
     def _push(self, *, stations: set[int] | None = None, full: bool = False) -> None:
         """Send what changed: of ``stations`` only, or of all (``full``: ages too)."""
@@ -1055,6 +1090,7 @@ class OpcUaServer:
         op = message["op"]
         if op == "stats":
             self._stats = message
+            self._heard = time.monotonic()
         elif op == "log":
             _relay_log(message)
         else:
@@ -1267,6 +1303,12 @@ class OpcUaServer:
             state, detail = (
                 "down",
                 f"{self._last_exit or 'worker not running'}; restarting",
+            )
+        elif self._silent:
+            silent = time.monotonic() - self._heard
+            state, detail = (
+                "degraded",
+                f"worker (pid {self.pid}) has not answered for {silent:.0f} s",
             )
         elif error is not None:
             state, detail = "degraded", f"updates failing: {error}"

@@ -87,6 +87,8 @@ UPDATE_CHUNK: Final = 256
 """Pumps written between two yields to the event loop."""
 STATS_INTERVAL: Final = 0.2
 """Seconds between checks of the counters (sent when they changed)."""
+STATS_ALIVE: Final = 1.0
+"""Seconds after which the counters are sent even when unchanged."""
 REQUEST_TIMEOUT: Final = 30.0
 """Seconds the worker waits for the adapter to answer (a password check
 waits its turn behind others)."""
@@ -729,13 +731,17 @@ class Worker:
         }
 
     async def _send_stats_forever(self) -> None:
+        """Counters when they change, and at least every STATS_ALIVE seconds:
+        the adapter takes a silent worker for a hung one."""
         sent: Message | None = None
+        sent_at = 0.0
         while self.link is not None and not self.link.closed:
             stats = self.stats()
-            if stats != sent:
+            now = time.monotonic()
+            if stats != sent or now - sent_at >= STATS_ALIVE:
                 with contextlib.suppress(LinkClosed, ConnectionError):
                     self.link.send({"op": "stats", **stats})
-                sent = stats
+                sent, sent_at = stats, now
             await asyncio.sleep(STATS_INTERVAL)
 
 

@@ -102,6 +102,31 @@ def test_a_killed_worker_is_restarted_on_the_same_endpoint(
     opcua_harness.run(scenario(), timeout=60.0)
 
 
+def test_a_hung_worker_is_reported_then_ended_and_replaced(
+    opcua_harness: Any, adapter: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    server = adapter.server
+    monkeypatch.setattr(server, "silence_limit", 1.5)
+    monkeypatch.setattr(server, "hang_limit", 3.0)
+
+    async def scenario() -> None:
+        await wait_for(lambda: server.health()["state"] == "ok")
+        hung = server.pid
+        restarts = server.restarts
+        os.kill(hung, signal.SIGSTOP)
+        try:
+            await wait_for(lambda: server.health()["state"] == "degraded")
+            assert "has not answered for" in server.health()["detail"]
+            await wait_for(lambda: server.restarts == restarts + 1)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(hung, signal.SIGCONT)
+        assert server.pid != hung
+        await wait_for(lambda: server.health()["state"] == "ok")
+
+    opcua_harness.run(scenario(), timeout=60.0)
+
+
 def test_a_worker_that_falls_behind_gets_everything_afresh(
     opcua_harness: Any, adapter: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
