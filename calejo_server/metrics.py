@@ -45,8 +45,7 @@ The process itself, unprefixed as Prometheus names them on Linux:
 from __future__ import annotations
 
 import logging
-import time
-from collections.abc import Awaitable, Callable, Iterable, Iterator, MutableMapping
+from collections.abc import Callable, Iterable, Iterator, MutableMapping
 from typing import Any, Protocol
 
 from prometheus_client import (
@@ -63,10 +62,6 @@ from prometheus_client.registry import Collector
 logger = logging.getLogger(__name__)
 
 Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
-ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 REQUEST_BUCKETS = (
     0.0005,
@@ -260,45 +255,6 @@ def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:
     gauge = GaugeMetricFamily(name, documentation)
     gauge.add_metric([], float(value))
     return gauge
-
-
-class MetricsMiddleware:
-    """Pure ASGI middleware: counts every HTTP answer by route template.
-
-    The route template (``/api/v1/pump-stations/{station_id}``) is read
-    from the scope after routing, so the label set stays bounded whatever
-    paths clients send; a request that matched no route is counted under
-    ``<unmatched>``.
-    """
-
-    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
-        self.app = app
-        self.metrics = metrics
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-
-        started = time.perf_counter()
-        root_path = scope.get("root_path", "")
-        status = 500
-
-        async def send_status(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_status)
-        finally:
-            self.metrics.observe_request(
-                route_template(scope, root_path),
-                scope["method"],
-                status,
-                time.perf_counter() - started,
-            )
 
 
 def route_template(scope: Scope, root_path: str = "") -> str:

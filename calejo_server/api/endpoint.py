@@ -22,8 +22,9 @@ import orjson
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
 
-from calejo_server.api.errors import ApiError, JSONAnswer
+from calejo_server.api.errors import KNOWN_ERRORS, ApiError, JSONAnswer, error_answer
 from calejo_server.api.schemas import Schema, ValidationError
 from calejo_server.engine.views import RequestContext
 from calejo_server.security import Principal
@@ -165,24 +166,36 @@ def build_routes(endpoints: Sequence[Endpoint], services: Services) -> list[Rout
         methods[endpoint.method] = endpoint
 
     return [
-        Route(path, _dispatcher(methods, services), methods=list(methods))
+        Route(path, Dispatch(methods, services), methods=list(methods))
         for path, methods in by_path.items()
     ]
 
 
-def _dispatcher(
-    methods: dict[str, Endpoint], services: Services
-) -> Callable[[Request], Awaitable[Response]]:
-    runners = {
-        method: _runner(endpoint, services) for method, endpoint in methods.items()
-    }
-    if "GET" in runners:
-        runners.setdefault("HEAD", runners["GET"])
+class Dispatch:
+    """The ASGI app of one path: runs the endpoint of the request's method.
 
-    async def dispatch(request: Request) -> Response:
-        return await runners[request.method](request)
+    A known error (:data:`~calejo_server.api.errors.KNOWN_ERRORS`) is
+    answered here, as the front door would answer it; any other error
+    goes on to the front door.
+    """
 
-    return dispatch
+    def __init__(self, methods: dict[str, Endpoint], services: Services) -> None:
+        self.runners = {
+            method: _runner(endpoint, services) for method, endpoint in methods.items()
+        }
+        if "GET" in self.runners:
+            self.runners.setdefault("HEAD", self.runners["GET"])
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        request = Request(scope, receive, send)
+        try:
+            response = await self.runners[scope["method"]](request)
+        except KNOWN_ERRORS as exc:
+            answer = error_answer(scope, exc)
+            if answer is None:
+                raise
+            response = answer
+        await response(scope, receive, send)
 
 
 def _runner(
