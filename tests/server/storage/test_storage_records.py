@@ -6,6 +6,7 @@ import asyncio
 import dataclasses
 import datetime as dt
 import math
+import uuid
 from collections.abc import Callable
 from typing import Any
 
@@ -25,6 +26,7 @@ from calejo_server.storage.base import (
     StorageError,
     TokenRecord,
     UserRecord,
+    new_uid,
     utcnow,
 )
 
@@ -421,3 +423,13 @@ def test_health_is_ok_when_open(opened: Opened, arun: Run, backend: str) -> None
         assert health.spooled == 0
 
     arun(main())
+
+
+def test_uids_are_random_version_4_uuids_in_hex() -> None:
+    uids = [new_uid() for _ in range(2000)]
+
+    assert len(set(uids)) == len(uids)
+    for uid in uids:
+        parsed = uuid.UUID(hex=uid)
+        assert parsed.hex == uid
+        assert parsed.version == 4 and parsed.variant == uuid.RFC_4122
