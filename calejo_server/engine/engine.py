@@ -361,12 +361,17 @@ class Engine:
             if self._writer is None:
                 return
 
-    def subscribe(self, callback: Callable[[EngineEvent], None]) -> Callable[[], None]:
-        """Call ``callback`` with each event; returns the unsubscribe function.
+    def subscribe(
+        self,
+        callback: Callable[[EngineEvent], None],
+        kinds: Iterable[str] | None = None,
+    ) -> Callable[[], None]:
+        """Call ``callback`` with each event of ``kinds`` (every kind when None).
 
-        Callbacks run synchronously on the event loop and must not block.
+        Returns the unsubscribe function. Callbacks run synchronously on
+        the event loop and must not block.
         """
-        return self._events.subscribe(callback)
+        return self._events.subscribe(callback, kinds)
 
     # ------------------------------------------------------------------
     # reads
@@ -635,7 +640,7 @@ class Engine:
             if state:
                 records.append(self._station_state(station))
 
-        if self._events:
+        if self._events.wants(events.SETPOINT):
             changes.append(
                 EngineEvent(
                     kind=events.SETPOINT,
