@@ -19,7 +19,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import orjson
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
@@ -390,7 +390,7 @@ async def _json(request: Request, content_type: str | None) -> Any:
             f"expected Content-Type application/json, got {got}",
         )
 
-    body = await request.body()
+    body = await _body(request.receive)
     if not body.strip():
         raise ApiError(400, "invalid_json", "the body is empty: expected a JSON object")
 
@@ -400,3 +400,20 @@ async def _json(request: Request, content_type: str | None) -> Any:
         raise ApiError(
             400, "invalid_json", f"the body is not valid JSON: {exc}"
         ) from None
+
+
+async def _body(receive: Receive) -> bytes:
+    """The request body, read straight from the ASGI messages.
+
+    As Starlette's ``Request.body`` reads it, without its stream: the
+    chunks up to the last, and ClientDisconnect if the client leaves first.
+    """
+    chunks: list[bytes] = []
+    while True:
+        message = await receive()
+        if message["type"] == "http.request":
+            chunks.append(message.get("body", b""))
+            if not message.get("more_body", False):
+                return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        elif message["type"] == "http.disconnect":
+            raise ClientDisconnect()
