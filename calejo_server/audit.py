@@ -182,8 +182,6 @@ def clean_text(text: str) -> str:
 
 def is_json_safe(value: object) -> bool:
     """True when :func:`json_safe` would return ``value`` unchanged."""
-    if value is None or isinstance(value, bool | int):
-        return True
     if isinstance(value, str):
         return clean_text(value) is value
     if isinstance(value, float):
@@ -192,11 +190,15 @@ def is_json_safe(value: object) -> bool:
             and abs(value) < _LARGEST_PLAIN_FLOAT
             and (value != 0.0 or math.copysign(1.0, value) > 0)
         )
+    if value is None or isinstance(value, int):
+        return True
     if isinstance(value, dict):
-        return all(
-            isinstance(key, str) and clean_text(key) is key and is_json_safe(item)
-            for key, item in value.items()
-        )
+        for key, item in value.items():
+            if not (
+                isinstance(key, str) and clean_text(key) is key and is_json_safe(item)
+            ):
+                return False
+        return True
     if isinstance(value, list):
         return all(is_json_safe(item) for item in value)
     return False
@@ -276,6 +278,31 @@ def normalise_audit_record(record: AuditRecord) -> AuditRecord:
             f"got {type(record.timestamp).__name__}"
         )
 
+    # The quick look: what the engine and the directory write is nearly
+    # always ASCII text, UTC times and plain JSON already.
+    if (
+        record.timestamp.tzinfo is dt.UTC
+        and type(record.details) is dict
+        and _plain_texts(
+            record.event_type,
+            record.user,
+            record.source_address,
+            record.protocol,
+            record.station_id,
+            record.pump_id,
+            record.old_value,
+            record.new_value,
+            record.outcome,
+            record.uid,
+        )
+        and is_json_safe(record.details)
+    ):
+        return record
+    return _normalised_fields(record)
+
+
+def _normalised_fields(record: AuditRecord) -> AuditRecord:
+    """The field-by-field way of :func:`normalise_audit_record`."""
     changes: dict[str, Any] = {}
     for name in _AUDIT_TEXT_FIELDS:
         value = getattr(record, name)
@@ -298,6 +325,20 @@ def normalise_audit_record(record: AuditRecord) -> AuditRecord:
     if not changes:
         return record
     return dataclasses.replace(record, **changes)
+
+
+def _plain_texts(*texts: str | None) -> bool:
+    """True when every one of ``texts`` is None or ASCII text without NUL.
+
+    Such texts are what :func:`clean_text` returns unchanged; anything
+    else (other text, or a value of another type that arrived in a text
+    field) needs the field-by-field look.
+    """
+    try:
+        joined = "".join([text for text in texts if text is not None])
+    except TypeError:
+        return False
+    return joined.isascii() and "\x00" not in joined
 
 
 _AUDIT_TEXT_FIELDS = (
