@@ -8,6 +8,7 @@ import datetime as dt
 import hashlib
 import json
 import math
+import operator
 from collections.abc import Iterable
 from typing import Any, TextIO
 
@@ -219,9 +220,34 @@ _ZERO = dt.timedelta(0)
 _CANONICAL_ENCODER = json.JSONEncoder(
     sort_keys=True, separators=(",", ":"), allow_nan=False
 )
+_quote = json.encoder.encode_basestring_ascii
+"""How the canonical encoder writes a text (it uses this very function)."""
+
+_CANONICAL_TEXTS = operator.attrgetter(
+    "event_type",
+    "new_value",
+    "old_value",
+    "outcome",
+    "protocol",
+    "pump_id",
+    "severity",
+    "source_address",
+    "station_id",
+)
+_CANONICAL_KEYS = (
+    ',"event_type":',
+    ',"new_value":',
+    ',"old_value":',
+    ',"outcome":',
+    ',"protocol":',
+    ',"pump_id":',
+    ',"severity":',
+    ',"source_address":',
+    ',"station_id":',
+)
 
 
-def canonical_content(record: AuditRecord) -> str:
+def canonical_content(record: AuditRecord, timestamp: str | None = None) -> str:
     """The text that the hash of ``record`` covers.
 
     Compact JSON, keys sorted, ASCII only, of every field of the record
@@ -230,7 +256,39 @@ def canonical_content(record: AuditRecord) -> str:
     ``old_value``, ``new_value``, ``outcome``, ``details``, ``uid``); the
     timestamp as ISO 8601 UTC with microseconds
     (``2024-05-01T12:00:00.000000+00:00``), numbers as JSON numbers.
+    ``timestamp``: the record's time as :func:`iso_utc` writes it, when
+    the caller has it already.
+
+    When every field but the details is text or None, the object is
+    written key by key with the encoder's own text function and the
+    details with the encoder itself: the same text, without building
+    the object first.
     """
+    stamp = timestamp if timestamp is not None else iso_utc(record.timestamp)
+    parts = ['{"details":', _CANONICAL_ENCODER.encode(record.details)]
+    for key, value in zip(_CANONICAL_KEYS, _CANONICAL_TEXTS(record), strict=True):
+        parts.append(key)
+        if value is None:
+            parts.append("null")
+        elif type(value) is str:
+            parts.append(_quote(value))
+        else:
+            return _canonical_object(record, stamp)
+    parts.append(',"timestamp":')
+    parts.append(_quote(stamp))
+    for key, value in ((',"uid":', record.uid), (',"user":', record.user)):
+        parts.append(key)
+        if value is None:
+            parts.append("null")
+        elif type(value) is str:
+            parts.append(_quote(value))
+        else:
+            return _canonical_object(record, stamp)
+    parts.append("}")
+    return "".join(parts)
+
+
+def _canonical_object(record: AuditRecord, timestamp: str) -> str:
     content = {
         "details": record.details,
         "event_type": record.event_type,
@@ -242,16 +300,21 @@ def canonical_content(record: AuditRecord) -> str:
         "severity": record.severity,
         "source_address": record.source_address,
         "station_id": record.station_id,
-        "timestamp": iso_utc(record.timestamp),
+        "timestamp": timestamp,
         "uid": record.uid,
         "user": record.user,
     }
     return _CANONICAL_ENCODER.encode(content)
 
 
-def chain_hash(prev_hash: str, record: AuditRecord) -> str:
-    """SHA-256 (hex) of ``prev_hash`` followed by the canonical content."""
-    text = prev_hash + canonical_content(record)
+def chain_hash(
+    prev_hash: str, record: AuditRecord, timestamp: str | None = None
+) -> str:
+    """SHA-256 (hex) of ``prev_hash`` followed by the canonical content.
+
+    ``timestamp`` as for :func:`canonical_content`.
+    """
+    text = prev_hash + canonical_content(record, timestamp)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 

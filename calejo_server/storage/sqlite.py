@@ -173,8 +173,11 @@ def _time_or_none(text: str | None) -> dt.datetime | None:
     return None if text is None else dt.datetime.fromisoformat(text)
 
 
+_JSON_TEXT = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
+
+
 def _json_text(value: object) -> str:
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+    return _JSON_TEXT.encode(value)
 
 
 def _state_row(record: Record) -> tuple[Any, ...]:
@@ -534,12 +537,14 @@ class SQLiteStorage(DurableStorage):
         rows = []
         for record in audits:
             last_id += 1
-            digest = audit.chain_hash(last_hash, record)
+            stamp = _text_time(record.timestamp)
+            utc = record.timestamp.tzinfo is dt.UTC
+            digest = audit.chain_hash(last_hash, record, stamp if utc else None)
             rows.append(
                 (
                     last_id,
                     record.uid,
-                    _text_time(record.timestamp),
+                    stamp,
                     record.severity,
                     record.event_type,
                     record.user,
