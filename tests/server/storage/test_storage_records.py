@@ -6,6 +6,7 @@ import asyncio
 import dataclasses
 import datetime as dt
 import math
+import time
 import uuid
 from collections.abc import Callable
 from typing import Any
@@ -425,11 +426,16 @@ def test_health_is_ok_when_open(opened: Opened, arun: Run, backend: str) -> None
     arun(main())
 
 
-def test_uids_are_random_version_4_uuids_in_hex() -> None:
+def test_uids_are_time_ordered_version_7_uuids_in_hex() -> None:
+    before = time.time_ns() // 1_000_000
     uids = [new_uid() for _ in range(2000)]
+    after = time.time_ns() // 1_000_000
 
     assert len(set(uids)) == len(uids)
     for uid in uids:
         parsed = uuid.UUID(hex=uid)
         assert parsed.hex == uid
-        assert parsed.version == 4 and parsed.variant == uuid.RFC_4122
+        assert parsed.version == 7 and parsed.variant == uuid.RFC_4122
+        assert before <= int(uid[:12], 16) <= after
+    prefixes = [uid[:12] for uid in uids]
+    assert prefixes == sorted(prefixes)
