@@ -29,13 +29,12 @@ import datetime as dt
 import importlib.resources
 import logging
 import math
-import operator
 import re
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Literal, TypeVar, cast
+from typing import Any, Literal, TypeVar
 
 from calejo_server import audit
 from calejo_server.storage.base import (
@@ -89,18 +88,6 @@ class _FieldKinds:
     times: tuple[str, ...]
     mappings: tuple[str, ...]
     sequences: tuple[str, ...]
-    text_values: Callable[[object], tuple[Any, ...]]
-    time_values: Callable[[object], tuple[Any, ...]]
-
-
-def _values_of(names: tuple[str, ...]) -> Callable[[object], tuple[Any, ...]]:
-    """A function giving the values of the fields ``names``, as a tuple."""
-    if len(names) > 1:
-        return operator.attrgetter(*names)
-    if names:
-        name = names[0]
-        return lambda record: (getattr(record, name),)
-    return lambda record: ()
 
 
 def _kinds_of(cls: type[Any]) -> _FieldKinds:
@@ -118,14 +105,7 @@ def _kinds_of(cls: type[Any]) -> _FieldKinds:
             sequences.append(field.name)
         elif kind.startswith("str"):
             texts.append(field.name)
-    return _FieldKinds(
-        tuple(texts),
-        tuple(times),
-        tuple(mappings),
-        tuple(sequences),
-        _values_of(tuple(texts)),
-        _values_of(tuple(times)),
-    )
+    return _FieldKinds(tuple(texts), tuple(times), tuple(mappings), tuple(sequences))
 
 
 _KINDS = {cls: _kinds_of(cls) for cls in RECORD_TYPES.values()}
@@ -150,14 +130,6 @@ def normalise(record: object) -> Record:
             f"got {cls.__name__}"
         )
 
-    if not kinds.mappings and not kinds.sequences and _kept(record, kinds):
-        return cast(Record, record)
-    return _normalised_fields(record, kinds)
-
-
-def _normalised_fields(record: object, kinds: _FieldKinds) -> Record:
-    """The field-by-field way of :func:`normalise`."""
-    cls = type(record)
     changes: dict[str, Any] = {}
     for name in kinds.texts:
         value = getattr(record, name)
@@ -197,33 +169,6 @@ def _normalised_fields(record: object, kinds: _FieldKinds) -> Record:
     if not changes:
         return normalised
     return dataclasses.replace(normalised, **changes)
-
-
-def _kept(record: object, kinds: _FieldKinds) -> bool:
-    """True when :func:`normalise` keeps ``record`` as it is, by a quick look.
-
-    Its texts are ASCII without NUL, its times UTC and a requested
-    setpoint finite; anything else takes the field-by-field way.
-    """
-    try:
-        texts = "".join(
-            [text for text in kinds.text_values(record) if text is not None]
-        )
-    except TypeError:
-        return False
-    if not texts.isascii() or "\x00" in texts:
-        return False
-
-    for moment in kinds.time_values(record):
-        if moment is not None and (
-            type(moment) is not dt.datetime or moment.tzinfo is not dt.UTC
-        ):
-            return False
-
-    if type(record) is SetpointRecord:
-        requested = record.requested
-        return not isinstance(requested, float) or math.isfinite(requested)
-    return True
 
 
 def emergency_stop_scope(record: EmergencyStopRecord) -> str:
