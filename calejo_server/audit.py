@@ -12,6 +12,8 @@ import operator
 from collections.abc import Iterable
 from typing import Any, TextIO
 
+import orjson
+
 from calejo_server.storage.base import (
     SEVERITIES,
     AuditRecord,
@@ -220,10 +222,11 @@ _ZERO = dt.timedelta(0)
 _CANONICAL_ENCODER = json.JSONEncoder(
     sort_keys=True, separators=(",", ":"), allow_nan=False
 )
-_quote = json.encoder.encode_basestring_ascii
-"""How the canonical encoder writes a text (it uses this very function)."""
+_ORJSON_FLOATS = (1e-4, 1e16)
+"""Floats whose size lies in this range (or zero) orjson writes as repr()
+does; outside it their exponents are written differently (1e-5 for 1e-05)."""
 
-_CANONICAL_TEXTS = operator.attrgetter(
+_TEXTS = operator.attrgetter(
     "event_type",
     "new_value",
     "old_value",
@@ -233,17 +236,8 @@ _CANONICAL_TEXTS = operator.attrgetter(
     "severity",
     "source_address",
     "station_id",
-)
-_CANONICAL_KEYS = (
-    ',"event_type":',
-    ',"new_value":',
-    ',"old_value":',
-    ',"outcome":',
-    ',"protocol":',
-    ',"pump_id":',
-    ',"severity":',
-    ',"source_address":',
-    ',"station_id":',
+    "uid",
+    "user",
 )
 
 
@@ -259,36 +253,14 @@ def canonical_content(record: AuditRecord, timestamp: str | None = None) -> str:
     ``timestamp``: the record's time as :func:`iso_utc` writes it, when
     the caller has it already.
 
-    When every field but the details is text or None, the object is
-    written key by key with the encoder's own text function and the
-    details with the encoder itself: the same text, without building
-    the object first.
+    Written by orjson, in a fraction of the time, when it gives the very
+    same text as the standard library's encoder: the fields are text (or
+    None) and the details hold only text, booleans, None, integers and
+    floats that both write alike (see :func:`_written_alike`), and the
+    text written is ASCII without DEL, which is then escaped alike by both.
+    Anything else is written by the standard library's encoder.
     """
     stamp = timestamp if timestamp is not None else iso_utc(record.timestamp)
-    parts = ['{"details":', _CANONICAL_ENCODER.encode(record.details)]
-    for key, value in zip(_CANONICAL_KEYS, _CANONICAL_TEXTS(record), strict=True):
-        parts.append(key)
-        if value is None:
-            parts.append("null")
-        elif type(value) is str:
-            parts.append(_quote(value))
-        else:
-            return _canonical_object(record, stamp)
-    parts.append(',"timestamp":')
-    parts.append(_quote(stamp))
-    for key, value in ((',"uid":', record.uid), (',"user":', record.user)):
-        parts.append(key)
-        if value is None:
-            parts.append("null")
-        elif type(value) is str:
-            parts.append(_quote(value))
-        else:
-            return _canonical_object(record, stamp)
-    parts.append("}")
-    return "".join(parts)
-
-
-def _canonical_object(record: AuditRecord, timestamp: str) -> str:
     content = {
         "details": record.details,
         "event_type": record.event_type,
@@ -300,11 +272,65 @@ def _canonical_object(record: AuditRecord, timestamp: str) -> str:
         "severity": record.severity,
         "source_address": record.source_address,
         "station_id": record.station_id,
-        "timestamp": timestamp,
+        "timestamp": stamp,
         "uid": record.uid,
         "user": record.user,
     }
+    if _texts(record) and _written_alike(record.details):
+        try:
+            written = orjson.dumps(content, option=orjson.OPT_SORT_KEYS)
+        except TypeError:
+            pass  # keys that are not text, integers over 64 bits, bad text
+        else:
+            if written.isascii() and b"\x7f" not in written:
+                return written.decode("ascii")
     return _CANONICAL_ENCODER.encode(content)
+
+
+def _texts(record: AuditRecord) -> bool:
+    """True when the record's fields but the details are text (or falsy)."""
+    try:
+        "".join(filter(None, _TEXTS(record)))
+    except TypeError:
+        return False
+    return True
+
+
+def _written_alike(value: object) -> bool:
+    """True when orjson writes ``value`` as the standard library does, text
+    aside (the caller checks the text in orjson's output).
+
+    Text, booleans, None and integers are written alike, floats when
+    within :data:`_ORJSON_FLOATS` or zero, and dicts, lists and tuples of
+    such values; other types are not (orjson writes datetimes, for one,
+    which the standard library refuses).
+    """
+    if isinstance(value, dict):
+        low, high = _ORJSON_FLOATS
+        for item in value.values():
+            kind = type(item)
+            if kind is float:
+                size = abs(item)
+                if not (size == 0.0 or low <= size < high):
+                    return False
+            elif not (
+                kind is str
+                or item is None
+                or kind is bool
+                or kind is int
+                or _written_alike(item)
+            ):
+                return False
+        return True
+    if isinstance(value, str | bool | int) or value is None:
+        return True
+    if isinstance(value, float):
+        size = abs(value)
+        low, high = _ORJSON_FLOATS
+        return type(value) is float and (size == 0.0 or low <= size < high)
+    if isinstance(value, list | tuple):
+        return all(_written_alike(item) for item in value)
+    return False
 
 
 def chain_hash(
