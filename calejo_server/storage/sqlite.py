@@ -158,11 +158,27 @@ _REJECTED_ERRORS = (
 
 
 def _text_time(moment: dt.datetime) -> str:
-    return moment.isoformat(timespec="microseconds")
+    """``moment`` as stored: ISO 8601 with microseconds.
+
+    The records of one change share one time object (a setpoint's audit
+    row, setpoint and station state), so the last one written is kept
+    with its text; the pair is replaced as a whole, so any thread may ask.
+    """
+    global _last_time
+    last = _last_time
+    if last[0] is moment:
+        return last[1]
+
+    text = moment.isoformat(timespec="microseconds")
+    _last_time = (moment, text)
+    return text
+
+
+_last_time: tuple[dt.datetime | None, str] = (None, "")
 
 
 def _text_time_or_none(moment: dt.datetime | None) -> str | None:
-    return None if moment is None else moment.isoformat(timespec="microseconds")
+    return None if moment is None else _text_time(moment)
 
 
 def _time(text: str) -> dt.datetime:

@@ -30,6 +30,7 @@ from calejo_server.storage.base import (
     new_uid,
     utcnow,
 )
+from calejo_server.storage.sqlite import _text_time
 
 Opened = Callable[..., Any]
 Run = Callable[..., Any]
@@ -439,3 +440,12 @@ def test_uids_are_time_ordered_version_7_uuids_in_hex() -> None:
         assert before <= int(uid[:12], 16) <= after
     prefixes = [uid[:12] for uid in uids]
     assert prefixes == sorted(prefixes)
+
+
+def test_stored_times_are_each_moment_in_iso_form() -> None:
+    utc = dt.datetime(2030, 1, 1, 12, 0, 0, 250, tzinfo=dt.UTC)
+    same_instant = utc.astimezone(dt.timezone(dt.timedelta(hours=2)))
+    moments = [utc, utc, same_instant, utc, _at(1), _at(1), same_instant]
+
+    for moment in moments:
+        assert _text_time(moment) == moment.isoformat(timespec="microseconds")
