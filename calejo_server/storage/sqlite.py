@@ -141,6 +141,13 @@ _UPSERTS: dict[type[Any], str] = {
     ),
 }
 
+_REPLACED: dict[type[Any], Callable[[Any], Any]] = {
+    SetpointRecord: lambda record: (record.station_id, record.pump_id),
+    StationStateRecord: lambda record: record.station_id,
+}
+"""Records whose upsert replaces every column of their row: of several in
+one transaction only the last is written, which leaves the same row."""
+
 _ALERT_COLUMNS = (
     "seq, alert_id, kind, severity, summary, station_id, pump_id, first_raised, "
     "last_raised, repeat_count, details, deliveries"
@@ -509,12 +516,18 @@ class SQLiteStorage(DurableStorage):
     ) -> None:
         audits: list[AuditRecord] = []
         states: dict[type[Any], list[tuple[Any, ...]]] = {}
+        latest: dict[type[Any], dict[Any, Record]] = {}
         for records in batches:
             for record in records:
                 if type(record) is AuditRecord:
                     audits.append(record)
+                    continue
+                cls = type(record)
+                key = _REPLACED.get(cls)
+                if key is not None:
+                    latest.setdefault(cls, {})[key(record)] = record
                 else:
-                    states.setdefault(type(record), []).append(_state_row(record))
+                    states.setdefault(cls, []).append(_state_row(record))
 
         if audits:
             if dedupe:
@@ -522,6 +535,8 @@ class SQLiteStorage(DurableStorage):
             self._append_audit(con, audits)
         for cls, rows in states.items():
             con.executemany(_UPSERTS[cls], rows)
+        for cls, kept in latest.items():
+            con.executemany(_UPSERTS[cls], [_state_row(r) for r in kept.values()])
 
     def _unstored(
         self, con: sqlite3.Connection, audits: list[AuditRecord]

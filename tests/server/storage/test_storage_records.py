@@ -222,6 +222,48 @@ def test_latest_state_wins(opened: Opened, arun: Run) -> None:
     arun(main())
 
 
+def test_one_commit_of_many_states_keeps_the_last_of_each(
+    opened: Opened, arun: Run
+) -> None:
+    def setpoint(pump: str, value: float, minutes: float) -> SetpointRecord:
+        return SetpointRecord(
+            "st1", pump, value, value, value, "accepted", "REST", None, _at(minutes)
+        )
+
+    def state(station: str, minutes: float, failsafe: bool) -> StationStateRecord:
+        return StationStateRecord(station, _at(minutes), failsafe)
+
+    writes = [
+        [setpoint(f"p{k % 3}", 30.0 + k, k), state(f"st{k % 2}", k, k % 4 == 1)]
+        for k in range(12)
+    ]
+    plans = [
+        PlanRecord("day", version, _at(version), {"version": version}, None)
+        for version in (3, 1, 2)
+    ]
+
+    async def main() -> None:
+        async with opened() as storage:
+            await asyncio.gather(*(storage.write(records) for records in writes))
+            await storage.write(plans)
+            snapshot = await storage.load()
+
+        assert [(s.pump_id, s.target, s.at) for s in snapshot.setpoints] == [
+            ("p0", 39.0, _at(9)),
+            ("p1", 40.0, _at(10)),
+            ("p2", 41.0, _at(11)),
+        ]
+        assert [
+            (s.station_id, s.last_fresh_at, s.failsafe) for s in snapshot.station_states
+        ] == [
+            ("st0", _at(10), False),
+            ("st1", _at(11), False),
+        ]
+        assert [p.version for p in snapshot.plans] == [3]
+
+    arun(main())
+
+
 def test_odd_text_and_numbers_are_stored_and_chained(opened: Opened, arun: Run) -> None:
     record = AuditRecord(
         event_type=audit.INVALID_AUTHENTICATION,
