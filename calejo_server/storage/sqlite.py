@@ -12,6 +12,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import functools
+import itertools
 import json
 import logging
 import os
@@ -61,6 +63,9 @@ PAGE_ROWS = 1000
 
 MAX_QUERY_ROWS = 10_000
 """Most rows one audit_query returns."""
+
+MAX_ROWS_PER_INSERT = 32
+"""Most rows one multi-row INSERT carries (an audit row has 16 parameters)."""
 
 _AUDIT_COLUMNS = (
     "id, uid, timestamp, severity, event_type, user_name, source_address, "
@@ -322,6 +327,35 @@ def _alert_row(row: Sequence[Any]) -> AlertRow:
     return AlertRow(seq=row[0], record=record)
 
 
+def _insert_many(
+    con: sqlite3.Connection, insert: str, rows: Sequence[tuple[Any, ...]]
+) -> None:
+    """Run ``insert`` (one ``VALUES (?, ...)`` row) for ``rows``, many per statement.
+
+    One statement of up to :data:`MAX_ROWS_PER_INSERT` rows is one step of
+    SQLite, and the thread holds the GIL between steps: executemany()
+    gives it up and waits to retake it once per row, behind the event
+    loop, where this gives it up once per statement. The rows are taken in
+    order, as executemany() takes them.
+    """
+    for start in range(0, len(rows), MAX_ROWS_PER_INSERT):
+        part = rows[start : start + MAX_ROWS_PER_INSERT]
+        if len(part) == 1:
+            con.execute(insert, part[0])
+            continue
+        con.execute(_many_rows(insert, len(part)), list(itertools.chain(*part)))
+
+
+@functools.lru_cache(maxsize=128)
+def _many_rows(insert: str, count: int) -> str:
+    """``insert`` with ``count`` rows in its VALUES clause."""
+    head, found, rest = insert.partition("VALUES (")
+    row, closed, tail = rest.partition(")")
+    if not found or not closed:
+        raise ValueError(f"expected an INSERT with one VALUES row, got {insert!r}")
+    return f"{head}VALUES " + ", ".join([f"({row})"] * count) + tail
+
+
 def split_script(script: str) -> list[str]:
     """The statements of an SQL script (triggers with their inner ``;`` whole)."""
     statements: list[str] = []
@@ -536,7 +570,7 @@ class SQLiteStorage(DurableStorage):
         for cls, rows in states.items():
             con.executemany(_UPSERTS[cls], rows)
         for cls, kept in latest.items():
-            con.executemany(_UPSERTS[cls], [_state_row(r) for r in kept.values()])
+            _insert_many(con, _UPSERTS[cls], [_state_row(r) for r in kept.values()])
 
     def _unstored(
         self, con: sqlite3.Connection, audits: list[AuditRecord]
@@ -592,7 +626,7 @@ class SQLiteStorage(DurableStorage):
                 )
             )
             last_hash = digest
-        con.executemany(_INSERT_AUDIT, rows)
+        _insert_many(con, _INSERT_AUDIT, rows)
         con.execute(
             "UPDATE audit_chain_head SET last_id = ?, last_hash = ? WHERE id = 1",
             (last_id, last_hash),

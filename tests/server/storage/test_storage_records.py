@@ -30,7 +30,7 @@ from calejo_server.storage.base import (
     new_uid,
     utcnow,
 )
-from calejo_server.storage.sqlite import _text_time
+from calejo_server.storage.sqlite import _many_rows, _text_time
 
 Opened = Callable[..., Any]
 Run = Callable[..., Any]
@@ -491,3 +491,14 @@ def test_stored_times_are_each_moment_in_iso_form() -> None:
 
     for moment in moments:
         assert _text_time(moment) == moment.isoformat(timespec="microseconds")
+
+
+def test_a_multi_row_insert_repeats_the_one_row() -> None:
+    insert = "INSERT INTO t (a, b) VALUES (?, ?) ON CONFLICT (a) DO UPDATE SET b = 1"
+
+    assert _many_rows(insert, 3) == (
+        "INSERT INTO t (a, b) VALUES (?, ?), (?, ?), (?, ?) "
+        "ON CONFLICT (a) DO UPDATE SET b = 1"
+    )
+    with pytest.raises(ValueError, match="one VALUES row"):
+        _many_rows("DELETE FROM t", 2)
