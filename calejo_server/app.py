@@ -247,12 +247,13 @@ class HttpService:
         return [f"{self.scheme}://{_host_for_url(self.host)}:{self.port}/api/v1"]
 
 
-def _http_protocol() -> str:
+def _http_protocol() -> str | type[asyncio.Protocol]:
+    """uvicorn's httptools protocol sending each answer in one write, else h11."""
     try:
-        import httptools  # noqa: F401
+        from calejo_server.api.transport import HttpProtocol
     except ImportError:
         return "h11"
-    return "httptools"
+    return HttpProtocol
 
 
 def listen_socket(host: str, port: int, what: str) -> socket.socket:

@@ -8,8 +8,11 @@ import datetime as dt
 import hashlib
 import json
 import math
+import operator
 from collections.abc import Iterable
 from typing import Any, TextIO
+
+import orjson
 
 from calejo_server.storage.base import (
     SEVERITIES,
@@ -182,8 +185,6 @@ def clean_text(text: str) -> str:
 
 def is_json_safe(value: object) -> bool:
     """True when :func:`json_safe` would return ``value`` unchanged."""
-    if value is None or isinstance(value, bool | int):
-        return True
     if isinstance(value, str):
         return clean_text(value) is value
     if isinstance(value, float):
@@ -192,11 +193,15 @@ def is_json_safe(value: object) -> bool:
             and abs(value) < _LARGEST_PLAIN_FLOAT
             and (value != 0.0 or math.copysign(1.0, value) > 0)
         )
+    if value is None or isinstance(value, int):
+        return True
     if isinstance(value, dict):
-        return all(
-            isinstance(key, str) and clean_text(key) is key and is_json_safe(item)
-            for key, item in value.items()
-        )
+        for key, item in value.items():
+            if not (
+                isinstance(key, str) and clean_text(key) is key and is_json_safe(item)
+            ):
+                return False
+        return True
     if isinstance(value, list):
         return all(is_json_safe(item) for item in value)
     return False
@@ -217,9 +222,26 @@ _ZERO = dt.timedelta(0)
 _CANONICAL_ENCODER = json.JSONEncoder(
     sort_keys=True, separators=(",", ":"), allow_nan=False
 )
+_ORJSON_FLOATS = (1e-4, 1e16)
+"""Floats whose size lies in this range (or zero) orjson writes as repr()
+does; outside it their exponents are written differently (1e-5 for 1e-05)."""
+
+_TEXTS = operator.attrgetter(
+    "event_type",
+    "new_value",
+    "old_value",
+    "outcome",
+    "protocol",
+    "pump_id",
+    "severity",
+    "source_address",
+    "station_id",
+    "uid",
+    "user",
+)
 
 
-def canonical_content(record: AuditRecord) -> str:
+def canonical_content(record: AuditRecord, timestamp: str | None = None) -> str:
     """The text that the hash of ``record`` covers.
 
     Compact JSON, keys sorted, ASCII only, of every field of the record
@@ -228,7 +250,17 @@ def canonical_content(record: AuditRecord) -> str:
     ``old_value``, ``new_value``, ``outcome``, ``details``, ``uid``); the
     timestamp as ISO 8601 UTC with microseconds
     (``2024-05-01T12:00:00.000000+00:00``), numbers as JSON numbers.
+    ``timestamp``: the record's time as :func:`iso_utc` writes it, when
+    the caller has it already.
+
+    Written by orjson, in a fraction of the time, when it gives the very
+    same text as the standard library's encoder: the fields are text (or
+    None) and the details hold only text, booleans, None, integers and
+    floats that both write alike (see :func:`_written_alike`), and the
+    text written is ASCII without DEL, which is then escaped alike by both.
+    Anything else is written by the standard library's encoder.
     """
+    stamp = timestamp if timestamp is not None else iso_utc(record.timestamp)
     content = {
         "details": record.details,
         "event_type": record.event_type,
@@ -240,16 +272,75 @@ def canonical_content(record: AuditRecord) -> str:
         "severity": record.severity,
         "source_address": record.source_address,
         "station_id": record.station_id,
-        "timestamp": iso_utc(record.timestamp),
+        "timestamp": stamp,
         "uid": record.uid,
         "user": record.user,
     }
+    if _texts(record) and _written_alike(record.details):
+        try:
+            written = orjson.dumps(content, option=orjson.OPT_SORT_KEYS)
+        except TypeError:
+            pass  # keys that are not text, integers over 64 bits, bad text
+        else:
+            if written.isascii() and b"\x7f" not in written:
+                return written.decode("ascii")
     return _CANONICAL_ENCODER.encode(content)
 
 
-def chain_hash(prev_hash: str, record: AuditRecord) -> str:
-    """SHA-256 (hex) of ``prev_hash`` followed by the canonical content."""
-    text = prev_hash + canonical_content(record)
+def _texts(record: AuditRecord) -> bool:
+    """True when the record's fields but the details are text (or falsy)."""
+    try:
+        "".join(filter(None, _TEXTS(record)))
+    except TypeError:
+        return False
+    return True
+
+
+def _written_alike(value: object) -> bool:
+    """True when orjson writes ``value`` as the standard library does, text
+    aside (the caller checks the text in orjson's output).
+
+    Text, booleans, None and integers are written alike, floats when
+    within :data:`_ORJSON_FLOATS` or zero, and dicts, lists and tuples of
+    such values; other types are not (orjson writes datetimes, for one,
+    which the standard library refuses).
+    """
+    if isinstance(value, dict):
+        low, high = _ORJSON_FLOATS
+        for item in value.values():
+            kind = type(item)
+            if kind is float:
+                size = abs(item)
+                if not (size == 0.0 or low <= size < high):
+                    return False
+            elif not (
+                kind is str
+                or item is None
+                or kind is bool
+                or kind is int
+                or _written_alike(item)
+            ):
+                return False
+        return True
+    if isinstance(value, str | bool | int) or value is None:
+        return True
+    if isinstance(value, float):
+        size = abs(value)
+        low, high = _ORJSON_FLOATS
+        return type(value) is float and (size == 0.0 or low <= size < high)
+    if isinstance(value, list | tuple):
+        return all(_written_alike(item) for item in value)
+    return False
+
+
+def chain_hash(
+    prev_hash: str, record: AuditRecord, timestamp: str | None = None
+) -> str:
+    """SHA-256 (hex) of ``prev_hash`` followed by the canonical content.
+
+    ``timestamp`` as for :func:`canonical_content`.
+    """
+    text = prev_hash + canonical_content(record, timestamp)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
@@ -276,6 +367,31 @@ def normalise_audit_record(record: AuditRecord) -> AuditRecord:
             f"got {type(record.timestamp).__name__}"
         )
 
+    # The quick look: what the engine and the directory write is nearly
+    # always ASCII text, UTC times and plain JSON already.
+    if (
+        record.timestamp.tzinfo is dt.UTC
+        and type(record.details) is dict
+        and _plain_texts(
+            record.event_type,
+            record.user,
+            record.source_address,
+            record.protocol,
+            record.station_id,
+            record.pump_id,
+            record.old_value,
+            record.new_value,
+            record.outcome,
+            record.uid,
+        )
+        and is_json_safe(record.details)
+    ):
+        return record
+    return _normalised_fields(record)
+
+
+def _normalised_fields(record: AuditRecord) -> AuditRecord:
+    """The field-by-field way of :func:`normalise_audit_record`."""
     changes: dict[str, Any] = {}
     for name in _AUDIT_TEXT_FIELDS:
         value = getattr(record, name)
@@ -298,6 +414,20 @@ def normalise_audit_record(record: AuditRecord) -> AuditRecord:
     if not changes:
         return record
     return dataclasses.replace(record, **changes)
+
+
+def _plain_texts(*texts: str | None) -> bool:
+    """True when every one of ``texts`` is None or ASCII text without NUL.
+
+    Such texts are what :func:`clean_text` returns unchanged; anything
+    else (other text, or a value of another type that arrived in a text
+    field) needs the field-by-field look.
+    """
+    try:
+        joined = "".join([text for text in texts if text is not None])
+    except TypeError:
+        return False
+    return joined.isascii() and "\x00" not in joined
 
 
 _AUDIT_TEXT_FIELDS = (

@@ -2,11 +2,14 @@
 
 Each :class:`Metrics` owns its own ``CollectorRegistry`` (never the
 process-wide default one), so several adapters or test apps can live in
-one interpreter. Counters and histograms are updated on the request path;
-the live state (emergency stops, failsafe stations, storage) is read from
-the engine and the storage at scrape time, so it costs nothing between
-scrapes. Setpoint outcomes are counted by the front end that answers
-them (:meth:`Metrics.count_setpoint`).
+one interpreter. Requests and setpoint outcomes are counted on the
+request path in plain Python numbers (one dict lookup and a few additions,
+no lock: only the event loop's thread counts) and turned into the same
+counter and histogram families prometheus-client's own types would give
+when the registry is scraped; the live state (emergency stops, failsafe
+stations, storage) is read from the engine and the storage at scrape
+time, so it costs nothing between scrapes. Setpoint outcomes are counted
+by the front end that answers them (:meth:`Metrics.count_setpoint`).
 
 Names, all prefixed ``calejo_``:
 
@@ -44,29 +47,28 @@ The process itself, unprefixed as Prometheus names them on Linux:
 
 from __future__ import annotations
 
+import bisect
 import logging
+import math
 import time
-from collections.abc import Awaitable, Callable, Iterable, Iterator, MutableMapping
-from typing import Any, Protocol
+from collections.abc import Callable, Iterable, Iterator, MutableMapping
+from typing import Any, cast
 
+import prometheus_client.metrics
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
-    Counter,
-    Histogram,
     ProcessCollector,
     generate_latest,
 )
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
+from prometheus_client.samples import Sample
+from prometheus_client.utils import floatToGoString
 
 logger = logging.getLogger(__name__)
 
 Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
-ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 REQUEST_BUCKETS = (
     0.0005,
@@ -83,19 +85,36 @@ REQUEST_BUCKETS = (
     2.5,
     5.0,
 )
+BUCKET_BOUNDS = (*REQUEST_BUCKETS, math.inf)
+BUCKET_LABELS: tuple[str, ...] = tuple(
+    cast(Callable[[float], str], floatToGoString)(bound) for bound in BUCKET_BOUNDS
+)
+"""The ``le`` label of each bucket, written as prometheus-client writes it."""
 UNMATCHED_ROUTE = "<unmatched>"
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
 
-class _Observer(Protocol):
-    def observe(self, amount: float) -> None: ...
-
-
-class _Incrementer(Protocol):
-    def inc(self, amount: float = 1) -> None: ...
-
-
 LiveSource = Callable[[], Iterable[Metric]]
+
+REQUESTS = "calejo_http_requests"
+REQUESTS_HELP = "HTTP requests answered, by route template, method and status."
+DURATION = "calejo_http_request_duration_seconds"
+DURATION_HELP = "Time from request to the end of the answer, in seconds."
+SETPOINTS = "calejo_setpoints"
+SETPOINTS_HELP = "Setpoint requests, by outcome (accepted, clamped, rejected, blocked)."
+
+
+class _RequestSeries:
+    """The counts of one (route, method, status)."""
+
+    __slots__ = ("buckets", "count", "created", "labels", "total")
+
+    def __init__(self, route: str, method: str, status: int) -> None:
+        self.labels = {"route": route, "method": method, "status": str(status)}
+        self.created = time.time()
+        self.count = 0
+        self.total = 0.0
+        self.buckets = [0] * len(BUCKET_BOUNDS)
 
 
 class Metrics:
@@ -104,30 +123,9 @@ class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
 
-        self.http_requests = Counter(
-            "calejo_http_requests",
-            "HTTP requests answered, by route template, method and status.",
-            ("route", "method", "status"),
-            registry=self.registry,
-        )
-        self.http_request_duration = Histogram(
-            "calejo_http_request_duration_seconds",
-            "Time from request to the end of the answer, in seconds.",
-            ("route", "method", "status"),
-            buckets=REQUEST_BUCKETS,
-            registry=self.registry,
-        )
-        self.setpoints = Counter(
-            "calejo_setpoints",
-            "Setpoint requests, by outcome (accepted, clamped, rejected, blocked).",
-            ("outcome",),
-            registry=self.registry,
-        )
-
-        self._request_children: dict[
-            tuple[str, str, int], tuple[_Incrementer, _Observer]
-        ] = {}
-        self._setpoint_children: dict[str, _Incrementer] = {}
+        self._requests: dict[tuple[str, str, int], _RequestSeries] = {}
+        self._setpoints: dict[str, list[float]] = {}
+        self.registry.register(_CountsCollector(self))
         self._live = _LiveCollector()
         self.registry.register(self._live)
         ProcessCollector(registry=self.registry)
@@ -137,26 +135,71 @@ class Metrics:
     ) -> None:
         """Count one answered request and its duration."""
         key = (route, method, status)
-        children = self._request_children.get(key)
-        if children is None:
-            label = str(status)
-            children = (
-                self.http_requests.labels(route, method, label),
-                self.http_request_duration.labels(route, method, label),
-            )
-            self._request_children[key] = children
+        series = self._requests.get(key)
+        if series is None:
+            series = self._requests[key] = _RequestSeries(route, method, status)
 
-        children[0].inc()
-        children[1].observe(seconds)
+        series.count += 1
+        series.total += seconds
+        series.buckets[bisect.bisect_left(BUCKET_BOUNDS, seconds)] += 1
 
     def count_setpoint(self, outcome: str, amount: int = 1) -> None:
         """Count ``amount`` setpoint requests that ended in ``outcome``."""
-        child = self._setpoint_children.get(outcome)
-        if child is None:
-            child = self.setpoints.labels(outcome)
-            self._setpoint_children[outcome] = child
+        counted = self._setpoints.get(outcome)
+        if counted is None:
+            counted = self._setpoints[outcome] = [0.0, time.time()]
 
-        child.inc(amount)
+        counted[0] += amount
+
+    def families(self) -> list[Metric]:
+        """The request and setpoint counts, as prometheus-client renders them.
+
+        The samples, their labels and their order are those of a labelled
+        ``Counter`` and ``Histogram``: ``_total`` (and ``_created``) per
+        child; ``_bucket`` per bound with ``le`` (cumulative), ``_count``,
+        ``_sum`` (and ``_created``).
+        """
+        created = getattr(prometheus_client.metrics, "_use_created", True)
+        requests = Metric(REQUESTS, REQUESTS_HELP, "counter")
+        duration = Metric(DURATION, DURATION_HELP, "histogram")
+
+        for series in list(self._requests.values()):
+            labels = series.labels
+            requests.samples.append(
+                Sample(REQUESTS + "_total", dict(labels), float(series.count))
+            )
+            if created:
+                requests.samples.append(
+                    Sample(REQUESTS + "_created", dict(labels), series.created)
+                )
+
+            cumulative = 0.0
+            for bound, observed in zip(BUCKET_LABELS, series.buckets, strict=True):
+                cumulative += observed
+                duration.samples.append(
+                    Sample(DURATION + "_bucket", {**labels, "le": bound}, cumulative)
+                )
+            duration.samples.append(
+                Sample(DURATION + "_count", dict(labels), cumulative)
+            )
+            duration.samples.append(
+                Sample(DURATION + "_sum", dict(labels), series.total)
+            )
+            if created:
+                duration.samples.append(
+                    Sample(DURATION + "_created", dict(labels), series.created)
+                )
+
+        setpoints = Metric(SETPOINTS, SETPOINTS_HELP, "counter")
+        for outcome, (count, since) in list(self._setpoints.items()):
+            setpoints.samples.append(
+                Sample(SETPOINTS + "_total", {"outcome": outcome}, count)
+            )
+            if created:
+                setpoints.samples.append(
+                    Sample(SETPOINTS + "_created", {"outcome": outcome}, since)
+                )
+        return [requests, duration, setpoints]
 
     def add_live_source(self, source: LiveSource) -> None:
         """Add a callable that yields metric families at scrape time."""
@@ -173,6 +216,25 @@ class Metrics:
     def render(self) -> bytes:
         """The whole registry in the Prometheus text format."""
         return generate_latest(self.registry)
+
+
+class _CountsCollector(Collector):
+    """Renders the request and setpoint counts of one :class:`Metrics`."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+
+    def collect(self) -> Iterator[Metric]:
+        return iter(self.metrics.families())
+
+    def describe(self) -> Iterator[Metric]:
+        return iter(
+            (
+                Metric(REQUESTS, REQUESTS_HELP, "counter"),
+                Metric(DURATION, DURATION_HELP, "histogram"),
+                Metric(SETPOINTS, SETPOINTS_HELP, "counter"),
+            )
+        )
 
 
 class _LiveCollector(Collector):
@@ -260,45 +322,6 @@ def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:
     gauge = GaugeMetricFamily(name, documentation)
     gauge.add_metric([], float(value))
     return gauge
-
-
-class MetricsMiddleware:
-    """Pure ASGI middleware: counts every HTTP answer by route template.
-
-    The route template (``/api/v1/pump-stations/{station_id}``) is read
-    from the scope after routing, so the label set stays bounded whatever
-    paths clients send; a request that matched no route is counted under
-    ``<unmatched>``.
-    """
-
-    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
-        self.app = app
-        self.metrics = metrics
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-
-        started = time.perf_counter()
-        root_path = scope.get("root_path", "")
-        status = 500
-
-        async def send_status(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_status)
-        finally:
-            self.metrics.observe_request(
-                route_template(scope, root_path),
-                scope["method"],
-                status,
-                time.perf_counter() - started,
-            )
 
 
 def route_template(scope: Scope, root_path: str = "") -> str:

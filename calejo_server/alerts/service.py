@@ -65,6 +65,7 @@ from calejo_server.alerts.settings import (
     parse_alerts_config,
 )
 from calejo_server.alerts.sources import (
+    EVENT_ALERTS,
     AlertArgs,
     CertificateCheck,
     certificate_alert,
@@ -335,7 +336,7 @@ class AlertService:
 
     def watch_engine(self, engine: Engine) -> None:
         """Raise alerts for the engine's emergency stops, failsafe, storage."""
-        self._removers.append(engine.subscribe(self._on_engine_event))
+        self._removers.append(engine.subscribe(self._on_engine_event, EVENT_ALERTS))
 
     def watch_security(self, security: Security) -> None:
         """Raise alerts for locked accounts and blocked source addresses."""

@@ -3,30 +3,34 @@
 The application holds no state of its own: it calls the engine for live
 state, the directory (:class:`~calejo_server.security.Security`) for
 users and tokens, and the storage only to read the audit log. Around the
-routes sits one pure ASGI middleware, :class:`FrontDoor`, which
+routes sits one pure ASGI layer, :class:`FrontDoor`, in place of the
+error and exception middleware Starlette would otherwise wrap around
+them (each of which wraps every answer's ``send`` once more). It
 
 - adds the security headers to every answer,
 - refuses bodies over the limit (by Content-Length at once, and by
   counting the bytes as they stream in),
-- turns any unexpected error into a JSON 500 without details, logged
-  with its traceback for the operator.
+- counts every answer into the metrics, by route template,
+- answers the known errors (:data:`~calejo_server.api.errors.KNOWN_ERRORS`:
+  404 and 405 from the router, refusals of the engine and the directory)
+  as JSON, and turns any other error into a JSON 500 without details,
+  logged with its traceback for the operator.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from starlette.applications import Starlette
-from starlette.exceptions import HTTPException
-from starlette.middleware import Middleware
 from starlette.types import ASGIApp, Lifespan, Message, Receive, Scope, Send
 
 from calejo_server.api import openapi
 from calejo_server.api.endpoint import Endpoint, Services, build_routes
-from calejo_server.api.errors import ApiError, error_response, handle_error
+from calejo_server.api.errors import ApiError, error_answer, error_response
 from calejo_server.api.health import (
     HealthRegistry,
     engine_check,
@@ -34,16 +38,8 @@ from calejo_server.api.health import (
     watchdog_check,
 )
 from calejo_server.api.routes import all_endpoints
-from calejo_server.api.schemas import ValidationError
-from calejo_server.engine.errors import EngineError
-from calejo_server.metrics import Metrics, MetricsMiddleware
-from calejo_server.security import (
-    PasswordPolicyError,
-    RoleError,
-    SecurityError,
-    UnknownRole,
-)
-from calejo_server.storage.base import StorageError, utcnow
+from calejo_server.metrics import Metrics, route_template
+from calejo_server.storage.base import utcnow
 
 if TYPE_CHECKING:
     from calejo_server.alerts import AlertService
@@ -62,6 +58,9 @@ SECURITY_HEADERS: tuple[tuple[bytes, bytes], ...] = (
     (b"content-security-policy", b"default-src 'none'; frame-ancestors 'none'"),
 )
 DEFAULT_MAX_BODY = 1_048_576
+NO_HANDLERS: tuple[dict[Any, Any], dict[Any, Any]] = ({}, {})
+"""Starlette's per-request exception handlers: none, so that a plain
+Starlette route's errors, too, reach the front door."""
 FUTURE_COMPONENTS = ("modbus", "opcua", "alerts")
 
 
@@ -121,28 +120,40 @@ def create_app(
     endpoints = list(endpoints) if endpoints is not None else all_endpoints()
     services.openapi = openapi.render(openapi.document(endpoints))
 
-    handlers: dict[Any, Any] = {
-        HTTPException: handle_error,
-        ApiError: handle_error,
-        ValidationError: handle_error,
-        EngineError: handle_error,
-        StorageError: handle_error,
-        SecurityError: handle_error,
-        PasswordPolicyError: handle_error,
-        RoleError: handle_error,
-        UnknownRole: handle_error,
-    }
-    app = Starlette(
+    app = RestApp(
         routes=build_routes(endpoints, services),
-        middleware=[
-            Middleware(FrontDoor, max_body_bytes=max_body),
-            Middleware(MetricsMiddleware, metrics=metrics),
-        ],
-        exception_handlers=handlers,
         lifespan=lifespan,
+        metrics=metrics,
+        max_body_bytes=max_body,
     )
     app.state.calejo = services
     return app
+
+
+class RestApp(Starlette):
+    """Starlette with :class:`FrontDoor` as its outermost layer.
+
+    Routing, requests, answers, state and the lifespan are Starlette's;
+    only the stack around the router differs: the front door, then any
+    middleware added to the app, then the router.
+    """
+
+    def __init__(
+        self,
+        *,
+        metrics: Metrics,
+        max_body_bytes: int = DEFAULT_MAX_BODY,
+        **options: Any,
+    ) -> None:
+        super().__init__(**options)
+        self.metrics = metrics
+        self.max_body_bytes = max_body_bytes
+
+    def build_middleware_stack(self) -> ASGIApp:
+        app: ASGIApp = self.router
+        for cls, args, kwargs in reversed(self.user_middleware):
+            app = cls(app, *args, **kwargs)
+        return FrontDoor(app, self.metrics, self.max_body_bytes)
 
 
 class BodyTooLarge(ApiError):
@@ -156,10 +167,18 @@ class BodyTooLarge(ApiError):
 
 
 class FrontDoor:
-    """Security headers, the body limit, and a JSON 500 for faults."""
+    """Security headers, the body limit, metrics, and the JSON error answers.
 
-    def __init__(self, app: ASGIApp, max_body_bytes: int = DEFAULT_MAX_BODY) -> None:
+    An answer refused at the door (a malformed or too large
+    Content-Length) is not counted in the metrics: it never reached a
+    route.
+    """
+
+    def __init__(
+        self, app: ASGIApp, metrics: Metrics, max_body_bytes: int = DEFAULT_MAX_BODY
+    ) -> None:
         self.app = app
+        self.metrics = metrics
         self.max_body_bytes = max_body_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -167,42 +186,62 @@ class FrontDoor:
             await self.app(scope, receive, send)
             return
 
-        started = False
+        started = time.perf_counter()
+        root_path = scope.get("root_path", "")
+        status = 0
 
-        async def send_with_headers(message: Message) -> None:
-            nonlocal started
+        async def respond(message: Message) -> None:
+            nonlocal status
             if message["type"] == "http.response.start":
-                started = True
-                headers = list(message.get("headers", ()))
-                headers.extend(SECURITY_HEADERS)
-                message["headers"] = headers
+                status = message["status"]
+                message["headers"] = [*message.get("headers", ()), *SECURITY_HEADERS]
             await send(message)
 
         declared = _content_length(scope)
         if declared is None:
-            await _refuse(
-                send_with_headers, 400, "bad_request", "invalid Content-Length"
-            )
+            await _refuse(respond, 400, "bad_request", "invalid Content-Length")
             return
         if declared > self.max_body_bytes:
             error = BodyTooLarge(self.max_body_bytes, declared)
-            await _refuse(send_with_headers, 413, error.code, error.detail)
+            await _refuse(respond, 413, error.code, error.detail)
             return
 
+        scope["starlette.exception_handlers"] = NO_HANDLERS
+        receive = self._counting(receive)
         try:
-            await self.app(scope, self._counting(receive), send_with_headers)
-        except Exception:
-            logger.exception(
-                "error answering %s %s", scope.get("method"), scope.get("path")
+            await self.app(scope, receive, respond)
+        except Exception as exc:
+            await self._answer_error(scope, receive, respond, exc, status != 0)
+        finally:
+            self.metrics.observe_request(
+                route_template(scope, root_path),
+                scope["method"],
+                status or 500,
+                time.perf_counter() - started,
             )
-            if started:
-                raise
-            await _refuse(
-                send_with_headers,
-                500,
-                "internal_error",
-                "the adapter could not answer this request; the error is logged",
-            )
+
+    async def _answer_error(
+        self, scope: Scope, receive: Receive, send: Send, exc: Exception, started: bool
+    ) -> None:
+        answer = None if started else error_answer(scope, exc)
+        if answer is not None:
+            await answer(scope, receive, send)
+            return
+
+        logger.error(
+            "error answering %s %s",
+            scope.get("method"),
+            scope.get("path"),
+            exc_info=exc,
+        )
+        if started:
+            raise exc
+        await _refuse(
+            send,
+            500,
+            "internal_error",
+            "the adapter could not answer this request; the error is logged",
+        )
 
     def _counting(self, receive: Receive) -> Receive:
         limit = self.max_body_bytes

@@ -19,11 +19,12 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import orjson
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
 
-from calejo_server.api.errors import ApiError, JSONAnswer
+from calejo_server.api.errors import KNOWN_ERRORS, ApiError, JSONAnswer, error_answer
 from calejo_server.api.schemas import Schema, ValidationError
 from calejo_server.engine.views import RequestContext
 from calejo_server.security import Principal
@@ -153,8 +154,20 @@ def answer(
     return JSONAnswer(content, status, headers)
 
 
+HOT_PATHS = (
+    PREFIX + "/pump-stations/{station_id}/pumps/{pump_id}/setpoint",
+    PREFIX + "/setpoints",
+)
+"""Paths tried first when routing: the setpoint writes."""
+
+
 def build_routes(endpoints: Sequence[Endpoint], services: Services) -> list[Route]:
-    """One route per path, dispatching on the method (so 405 lists them all)."""
+    """One route per path, dispatching on the method (so 405 lists them all).
+
+    No two paths of the API match the same request path, so the order of
+    the routes only decides how many the router tries: :data:`HOT_PATHS`
+    come first, the others in the order they are declared.
+    """
     by_path: dict[str, dict[str, Endpoint]] = {}
     for endpoint in endpoints:
         methods = by_path.setdefault(endpoint.full_path, {})
@@ -164,52 +177,82 @@ def build_routes(endpoints: Sequence[Endpoint], services: Services) -> list[Rout
             )
         methods[endpoint.method] = endpoint
 
+    paths = [path for path in HOT_PATHS if path in by_path]
+    paths += [path for path in by_path if path not in HOT_PATHS]
     return [
-        Route(path, _dispatcher(methods, services), methods=list(methods))
-        for path, methods in by_path.items()
+        Route(path, Dispatch(by_path[path], services), methods=list(by_path[path]))
+        for path in paths
     ]
 
 
-def _dispatcher(
-    methods: dict[str, Endpoint], services: Services
-) -> Callable[[Request], Awaitable[Response]]:
-    runners = {
-        method: _runner(endpoint, services) for method, endpoint in methods.items()
-    }
-    if "GET" in runners:
-        runners.setdefault("HEAD", runners["GET"])
+class Dispatch:
+    """The ASGI app of one path: runs the endpoint of the request's method.
 
-    async def dispatch(request: Request) -> Response:
-        return await runners[request.method](request)
+    A known error (:data:`~calejo_server.api.errors.KNOWN_ERRORS`) is
+    answered here, as the front door would answer it; any other error
+    goes on to the front door.
+    """
 
-    return dispatch
+    def __init__(self, methods: dict[str, Endpoint], services: Services) -> None:
+        self.runners = {
+            method: _runner(endpoint, services) for method, endpoint in methods.items()
+        }
+        if "GET" in self.runners:
+            self.runners.setdefault("HEAD", self.runners["GET"])
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        request = Request(scope, receive, send)
+        try:
+            response = await self.runners[scope["method"]](request)
+        except KNOWN_ERRORS as exc:
+            answer = error_answer(scope, exc)
+            if answer is None:
+                raise
+            response = answer
+        await response(scope, receive, send)
 
 
 def _runner(
     endpoint: Endpoint, services: Services
 ) -> Callable[[Request], Awaitable[Response]]:
     query = {param.name: param for param in endpoint.query}
+    required = tuple(name for name, param in query.items() if param.required)
 
     async def run(request: Request) -> Response:
+        scope = request.scope
+        authorization, content_type = _headers(scope)
+
         principal = None
         if endpoint.access is not None:
-            principal = await _authorize(request, endpoint, services)
+            principal = await _authorize(request, authorization, endpoint, services)
 
-        values = _query(request, query)
+        values = _query(request, query) if scope.get("query_string") or required else {}
+
         body = None
         if endpoint.body is not None:
-            body = endpoint.body.check(await _json(request), "")
+            body = endpoint.body.check(await _json(request, content_type), "")
 
         return await endpoint.handler(Call(request, services, principal, values, body))
 
     return run
 
 
+def _headers(scope: Scope) -> tuple[str | None, str | None]:
+    """The Authorization and Content-Type headers (the first of each)."""
+    authorization = content_type = None
+    for name, value in scope["headers"]:
+        if name == b"authorization":
+            if authorization is None:
+                authorization = value.decode("latin-1")
+        elif name == b"content-type" and content_type is None:
+            content_type = value.decode("latin-1")
+    return authorization, content_type
+
+
 async def _authorize(
-    request: Request, endpoint: Endpoint, services: Services
+    request: Request, header: str | None, endpoint: Endpoint, services: Services
 ) -> Principal:
     security = services.security
-    header = request.headers.get("authorization")
     token = _bearer(header)
     principal = security.authenticate(token) if token else None
     source = _source(request)
@@ -297,8 +340,8 @@ def _bearer(header: str | None) -> str | None:
 
 
 def _source(request: Request) -> str | None:
-    client = request.client
-    return client.host if client is not None else None
+    client = request.scope.get("client")
+    return client[0] if client is not None else None
 
 
 def _query(request: Request, params: dict[str, Param]) -> dict[str, Any]:
@@ -335,8 +378,7 @@ def _query(request: Request, params: dict[str, Param]) -> dict[str, Any]:
     return values
 
 
-async def _json(request: Request) -> Any:
-    content_type = request.headers.get("content-type")
+async def _json(request: Request, content_type: str | None) -> Any:
     media = (content_type or "").split(";", 1)[0].strip().lower()
     if media != "application/json" and not (
         media.startswith("application/") and media.endswith("+json")
@@ -348,7 +390,7 @@ async def _json(request: Request) -> Any:
             f"expected Content-Type application/json, got {got}",
         )
 
-    body = await request.body()
+    body = await _body(request.receive)
     if not body.strip():
         raise ApiError(400, "invalid_json", "the body is empty: expected a JSON object")
 
@@ -358,3 +400,20 @@ async def _json(request: Request) -> Any:
         raise ApiError(
             400, "invalid_json", f"the body is not valid JSON: {exc}"
         ) from None
+
+
+async def _body(receive: Receive) -> bytes:
+    """The request body, read straight from the ASGI messages.
+
+    As Starlette's ``Request.body`` reads it, without its stream: the
+    chunks up to the last, and ClientDisconnect if the client leaves first.
+    """
+    chunks: list[bytes] = []
+    while True:
+        message = await receive()
+        if message["type"] == "http.request":
+            chunks.append(message.get("body", b""))
+            if not message.get("more_body", False):
+                return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        elif message["type"] == "http.disconnect":
+            raise ClientDisconnect()

@@ -2,7 +2,8 @@
 
 Every refusal is an :class:`ApiError`, or an error of the engine or the
 directory that :func:`api_error` translates; nothing else reaches the
-client, least of all a stack trace.
+client, least of all a stack trace. :data:`KNOWN_ERRORS` are the types
+:func:`error_answer` answers; anything else is a fault.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import orjson
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
+from starlette.types import Scope
 
 from calejo_server.api.schemas import ValidationError
 from calejo_server.engine.errors import (
@@ -31,6 +33,7 @@ from calejo_server.security import (
     InvalidUser,
     PasswordPolicyError,
     RoleError,
+    SecurityError,
     Throttled,
     UnknownRole,
     UnknownUser,
@@ -151,14 +154,30 @@ def _security_error(exc: Exception) -> ApiError | None:
     return None
 
 
-async def handle_error(request: Request, exc: Exception) -> Response:
-    """Exception handler: the JSON answer of any known error."""
+KNOWN_ERRORS: tuple[type[Exception], ...] = (
+    HTTPException,
+    ApiError,
+    ValidationError,
+    EngineError,
+    StorageError,
+    SecurityError,
+    PasswordPolicyError,
+    RoleError,
+    UnknownRole,
+)
+"""The errors that have an answer; :func:`error_answer` gives it."""
+
+
+def error_answer(scope: Scope, exc: Exception) -> Response | None:
+    """The JSON answer of a known error, or None if ``exc`` is a fault."""
     if isinstance(exc, HTTPException):
-        return _http_exception(request, exc)
+        return _http_exception(Request(scope), exc)
+    if not isinstance(exc, KNOWN_ERRORS):
+        return None
 
     error = api_error(exc)
     if error is None:
-        raise exc
+        return None
     return error_response(error.status, error.code, error.detail, error.headers)
 
 

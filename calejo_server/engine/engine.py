@@ -125,6 +125,19 @@ _ALL: Final = slice(None)
 """(plan_id, version, interval index): the interval a pump follows."""
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class _StationViews:
+    """One station's part of the gate's arrays, sliced once."""
+
+    applied: npt.NDArray[np.float64]
+    status: npt.NDArray[np.uint16]
+    target: npt.NDArray[np.float64]
+    outcome: npt.NDArray[np.uint8]
+    last_set: npt.NDArray[np.float64]
+    ages: npt.NDArray[np.float64]
+    """Written at each refresh: seconds since each pump's last setpoint."""
+
+
 @dataclasses.dataclass(slots=True)
 class _Station:
     index: int
@@ -139,6 +152,8 @@ class _Station:
     plan_stale: bool = True
     pump_stops: int = 0
     status_bits: int = -1
+    views: _StationViews | None = None
+    """The station's slices of the gate's arrays, when those are views."""
 
     @property
     def station_id(self) -> str:
@@ -363,12 +378,17 @@ class Engine:
             if self._writer is None:
                 return
 
-    def subscribe(self, callback: Callable[[EngineEvent], None]) -> Callable[[], None]:
-        """Call ``callback`` with each event; returns the unsubscribe function.
+    def subscribe(
+        self,
+        callback: Callable[[EngineEvent], None],
+        kinds: Iterable[str] | None = None,
+    ) -> Callable[[], None]:
+        """Call ``callback`` with each event of ``kinds`` (every kind when None).
 
-        Callbacks run synchronously on the event loop and must not block.
+        Returns the unsubscribe function. Callbacks run synchronously on
+        the event loop and must not block.
         """
-        return self._events.subscribe(callback)
+        return self._events.subscribe(callback, kinds)
 
     def watch(self, callback: Callable[[int], None]) -> Callable[[], None]:
         """Call ``callback(station)`` whenever a request changes what SCADA reads.
@@ -583,23 +603,20 @@ class Engine:
         plan: tuple[Plan, int, Interval] | None = None,
     ) -> SetpointResult:
         station = self._pump_station[pump]
+        station_id = station.config.station_id
         config = self._pump_config[pump]
-        old_target = float(self._gate.target[pump])
+        pump_id = config.pump_id
+        old_target = self._target_array().item(pump)
 
         code = self._gate.request(pump, value, now)
         outcome = OUTCOME_NAMES[code]
-        target = float(self._gate.target[pump])
-        applied = float(self._gate.applied[pump])
+        target = self._target_array().item(pump)
+        applied = self._applied_array().item(pump)
         requested = _requested(value)
+        finite = requested is not None and math.isfinite(requested)
         detail = self._detail(pump, value, requested, code, target)
         result = SetpointResult(
-            station_id=station.station_id,
-            pump_id=config.pump_id,
-            outcome=outcome,
-            requested=requested,
-            target=target,
-            applied=applied,
-            detail=detail,
+            station_id, pump_id, outcome, requested, target, applied, detail
         )
 
         if plan is not None:
@@ -612,7 +629,7 @@ class Engine:
             event_type = audit.SETPOINT_CHANGED
 
         details: dict[str, Any] = {
-            "requested": requested if _finite(requested) else _shown(value),
+            "requested": requested if finite else _shown(value),
             "applied": applied,
             "units": config.units,
         }
@@ -628,35 +645,37 @@ class Engine:
                 end=interval.end.isoformat(),
             )
         records.append(
-            self._audit(
+            AuditRecord(
                 event_type,
-                ctx,
-                station_id=station.station_id,
-                pump_id=config.pump_id,
-                old_value=_text(old_target),
-                new_value=_text(target),
-                outcome=outcome,
-                details=details,
-                at=wall,
+                audit.severity_of(event_type),
+                wall,
+                ctx.user,
+                ctx.source_address,
+                ctx.protocol,
+                station_id,
+                pump_id,
+                repr(old_target),
+                repr(target),
+                outcome,
+                details,
             )
         )
+        self._requested[pump] = True
         if code == gate.REJECTED:
-            self._requested[pump] = True
             return result
 
-        self._requested[pump] = True
         self._last_set[pump] = now
         self._last_set_at[pump] = wall
         record = SetpointRecord(
-            station_id=station.station_id,
-            pump_id=config.pump_id,
-            requested=requested if _finite(requested) else None,
-            target=target,
-            applied=applied,
-            outcome=outcome,
-            source=source or ctx.protocol,
-            user=ctx.user,
-            at=wall,
+            station_id,
+            pump_id,
+            requested if finite else None,
+            target,
+            applied,
+            outcome,
+            source or ctx.protocol,
+            ctx.user,
+            wall,
         )
         self._records[pump] = record
         self._persisted[pump] = applied
@@ -666,15 +685,15 @@ class Engine:
             if state:
                 records.append(self._station_state(station))
 
-        if self._events:
+        if self._events.wants(events.SETPOINT):
             changes.append(
                 EngineEvent(
                     kind=events.SETPOINT,
                     severity=audit.severity_of(event_type),
-                    station_id=station.station_id,
-                    pump_id=config.pump_id,
-                    message=f"setpoint {outcome} for pump {config.pump_id} at "
-                    f"station {station.station_id}: target {target:g} {config.units}",
+                    station_id=station_id,
+                    pump_id=pump_id,
+                    message=f"setpoint {outcome} for pump {pump_id} at "
+                    f"station {station_id}: target {target:g} {config.units}",
                     at=wall,
                     details={
                         "outcome": outcome,
@@ -1390,14 +1409,13 @@ class Engine:
 
     def _refresh_station(self, station: _Station, now: float) -> None:
         """Write one station's pumps, details, coils and status bits now."""
-        span = slice(station.first, station.first + station.count)
-        station.image.update_pumps(
-            self._applied_array()[span], self._status_array()[span]
-        )
-        ages = now - self._last_set[span]
-        station.image.update_details(
-            self._target_array()[span], ages, self._outcome_array()[span]
-        )
+        views = station.views
+        if views is None:
+            views = self._station_views(station)
+
+        np.subtract(now, views.last_set, out=views.ages)
+        station.image.update_pumps(views.applied, views.status)
+        station.image.update_details(views.target, views.ages, views.outcome)
         self._write_status(station)
         self._images_dirty = True
         for callback in self._watchers:
@@ -1405,6 +1423,17 @@ class Engine:
                 callback(station.index)
             except Exception:
                 logger.exception("engine watcher %r failed", callback)
+
+    def _station_views(self, station: _Station) -> _StationViews:
+        span = slice(station.first, station.first + station.count)
+        return _StationViews(
+            applied=self._applied_array()[span],
+            status=self._status_array()[span],
+            target=self._target_array()[span],
+            outcome=self._outcome_array()[span],
+            last_set=self._last_set[span],
+            ages=np.empty(station.count, dtype=np.float64),
+        )
 
     def _write_status(self, station: _Station) -> None:
         bits = 0
@@ -1654,6 +1683,8 @@ class Engine:
                 self._gate.target,
                 self._gate.last_outcome,
             )
+            for station in self._stations:
+                station.views = self._station_views(station)
 
     def _restore_setpoints(
         self, snapshot: Snapshot, now: float, wall: dt.datetime
@@ -2077,20 +2108,14 @@ def _identity(effective: tuple[Plan, int, Interval] | None) -> Identity | None:
 
 
 def _requested(value: object) -> float | None:
+    if type(value) is float:
+        return value
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         return None
     try:
         return float(value)
     except (OverflowError, ValueError, TypeError):
         return None
-
-
-def _finite(value: float | None) -> bool:
-    return value is not None and math.isfinite(value)
-
-
-def _text(value: float) -> str:
-    return repr(value)
 
 
 def _shown(value: object) -> str:

@@ -6,7 +6,7 @@ import contextlib
 import dataclasses
 import datetime as dt
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Final
 
 from calejo_server.storage.base import Severity
@@ -75,28 +75,47 @@ Subscriber = Callable[[EngineEvent], None]
 class EventHub:
     """Calls every subscriber with each event, in subscription order.
 
-    Subscribers run synchronously on the engine's event loop and must not
-    block; one that raises is logged and does not stop the others.
+    A subscriber takes every kind of event or only the kinds it names, so
+    that the engine can skip building an event nobody takes
+    (:meth:`wants`). Subscribers run synchronously on the engine's event
+    loop and must not block; one that raises is logged and does not stop
+    the others.
     """
 
     def __init__(self) -> None:
-        self._subscribers: list[Subscriber] = []
+        self._subscribers: list[tuple[Subscriber, frozenset[str] | None]] = []
+        self._wanted: frozenset[str] | None = frozenset()
 
-    def subscribe(self, callback: Subscriber) -> Callable[[], None]:
-        """Add ``callback``; the returned function removes it again."""
-        self._subscribers.append(callback)
+    def subscribe(
+        self, callback: Subscriber, kinds: Iterable[str] | None = None
+    ) -> Callable[[], None]:
+        """Add ``callback`` for ``kinds`` (every kind when None).
+
+        The returned function removes it again.
+        """
+        entry = (callback, frozenset(kinds) if kinds is not None else None)
+        self._subscribers.append(entry)
+        self._update_wanted()
 
         def unsubscribe() -> None:
             with contextlib.suppress(ValueError):
-                self._subscribers.remove(callback)
+                self._subscribers.remove(entry)
+            self._update_wanted()
 
         return unsubscribe
 
     def __bool__(self) -> bool:
         return bool(self._subscribers)
 
+    def wants(self, kind: str) -> bool:
+        """Whether any subscriber takes events of ``kind``."""
+        wanted = self._wanted
+        return wanted is None or kind in wanted
+
     def emit(self, event: EngineEvent) -> None:
-        for callback in tuple(self._subscribers):
+        for callback, kinds in tuple(self._subscribers):
+            if kinds is not None and event.kind not in kinds:
+                continue
             try:
                 callback(event)
             except Exception:
@@ -105,3 +124,12 @@ class EventHub:
                     callback,
                     event.kind,
                 )
+
+    def _update_wanted(self) -> None:
+        wanted: set[str] = set()
+        for _, kinds in self._subscribers:
+            if kinds is None:
+                self._wanted = None
+                return
+            wanted |= kinds
+        self._wanted = frozenset(wanted)

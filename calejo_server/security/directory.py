@@ -279,6 +279,11 @@ class Security:
         self._grants: dict[str, frozenset[str]] = {
             role: frozenset(perms) for role, perms in DEFAULT_ROLES.items()
         }
+        self._principals: dict[
+            str, tuple[UserRecord, frozenset[str] | None, Principal]
+        ] = {}
+        """Per token hash: the principal last made, and the user record and
+        grants it was made from (it is reused while both are the same)."""
         self._lock = asyncio.Lock()
         self._dummy_hash = ""
         self._sweeper: asyncio.Task[None] | None = None
@@ -430,6 +435,9 @@ class Security:
         self.throttle.sweep(now)
 
         expired = self.tokens.sweep(now)
+        gone = [h for h in self._principals if self.tokens.peek(h) is None]
+        for token_hash in gone:
+            del self._principals[token_hash]
         if not expired:
             return 0
 
@@ -497,7 +505,12 @@ class Security:
     # -- authentication ------------------------------------------------------
 
     def authenticate(self, token: str) -> Principal | None:
-        """The principal of a live bearer token, or None (cheap, in memory)."""
+        """The principal of a live bearer token, or None (cheap, in memory).
+
+        The token is looked up, and its expiry checked, every time; only
+        the principal it maps to is reused while its user record and role
+        grants are the same objects (both are replaced on every change).
+        """
         state = self.tokens.lookup(token, self.clock.monotonic())
         if state is None:
             return None
@@ -506,7 +519,15 @@ class Security:
         if user is None or not user.active:
             self.tokens.revoke(state.token_hash)
             return None
-        return self._principal(user, state.token_hash)
+
+        grants = self._grants.get(user.role)
+        cached = self._principals.get(state.token_hash)
+        if cached is not None and cached[0] is user and cached[1] is grants:
+            return cached[2]
+
+        principal = self._principal(user, state.token_hash)
+        self._principals[state.token_hash] = (user, grants, principal)
+        return principal
 
     def retry_after(self, source: str | None) -> float | None:
         """Seconds ``source`` must wait before authenticating again, or None."""

@@ -14,7 +14,8 @@ import abc
 import dataclasses
 import datetime as dt
 import logging
-import uuid
+import os
+import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any, Literal
 
@@ -32,8 +33,18 @@ def utcnow() -> dt.datetime:
 
 
 def new_uid() -> str:
-    """A unique key for a record, so a redelivered record lands once."""
-    return uuid.uuid4().hex
+    """A unique key for a record, so a redelivered record lands once.
+
+    A time-ordered (version 7) UUID in hex: 48 bits of Unix time in
+    milliseconds, then 74 random bits. Records written together get keys
+    that sit together in the unique index, so a commit of many audit
+    rows changes one or two of its pages rather than one page per row.
+    """
+    millis = time.time_ns() // 1_000_000
+    raw = bytearray(millis.to_bytes(6, "big") + os.urandom(10))
+    raw[6] = (raw[6] & 0x0F) | 0x70
+    raw[8] = (raw[8] & 0x3F) | 0x80
+    return raw.hex()
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

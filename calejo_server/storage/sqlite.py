@@ -12,6 +12,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import functools
+import itertools
 import json
 import logging
 import os
@@ -61,6 +63,9 @@ PAGE_ROWS = 1000
 
 MAX_QUERY_ROWS = 10_000
 """Most rows one audit_query returns."""
+
+MAX_ROWS_PER_INSERT = 32
+"""Most rows one multi-row INSERT carries (an audit row has 16 parameters)."""
 
 _AUDIT_COLUMNS = (
     "id, uid, timestamp, severity, event_type, user_name, source_address, "
@@ -141,6 +146,13 @@ _UPSERTS: dict[type[Any], str] = {
     ),
 }
 
+_REPLACED: dict[type[Any], Callable[[Any], Any]] = {
+    SetpointRecord: lambda record: (record.station_id, record.pump_id),
+    StationStateRecord: lambda record: record.station_id,
+}
+"""Records whose upsert replaces every column of their row: of several in
+one transaction only the last is written, which leaves the same row."""
+
 _ALERT_COLUMNS = (
     "seq, alert_id, kind, severity, summary, station_id, pump_id, first_raised, "
     "last_raised, repeat_count, details, deliveries"
@@ -158,11 +170,27 @@ _REJECTED_ERRORS = (
 
 
 def _text_time(moment: dt.datetime) -> str:
-    return moment.isoformat(timespec="microseconds")
+    """``moment`` as stored: ISO 8601 with microseconds.
+
+    The records of one change share one time object (a setpoint's audit
+    row, setpoint and station state), so the last one written is kept
+    with its text; the pair is replaced as a whole, so any thread may ask.
+    """
+    global _last_time
+    last = _last_time
+    if last[0] is moment:
+        return last[1]
+
+    text = moment.isoformat(timespec="microseconds")
+    _last_time = (moment, text)
+    return text
+
+
+_last_time: tuple[dt.datetime | None, str] = (None, "")
 
 
 def _text_time_or_none(moment: dt.datetime | None) -> str | None:
-    return None if moment is None else moment.isoformat(timespec="microseconds")
+    return None if moment is None else _text_time(moment)
 
 
 def _time(text: str) -> dt.datetime:
@@ -173,8 +201,11 @@ def _time_or_none(text: str | None) -> dt.datetime | None:
     return None if text is None else dt.datetime.fromisoformat(text)
 
 
+_JSON_TEXT = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
+
+
 def _json_text(value: object) -> str:
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+    return _JSON_TEXT.encode(value)
 
 
 def _state_row(record: Record) -> tuple[Any, ...]:
@@ -294,6 +325,35 @@ def _alert_row(row: Sequence[Any]) -> AlertRow:
         deliveries=json.loads(row[11]),
     )
     return AlertRow(seq=row[0], record=record)
+
+
+def _insert_many(
+    con: sqlite3.Connection, insert: str, rows: Sequence[tuple[Any, ...]]
+) -> None:
+    """Run ``insert`` (one ``VALUES (?, ...)`` row) for ``rows``, many per statement.
+
+    One statement of up to :data:`MAX_ROWS_PER_INSERT` rows is one step of
+    SQLite, and the thread holds the GIL between steps: executemany()
+    gives it up and waits to retake it once per row, behind the event
+    loop, where this gives it up once per statement. The rows are taken in
+    order, as executemany() takes them.
+    """
+    for start in range(0, len(rows), MAX_ROWS_PER_INSERT):
+        part = rows[start : start + MAX_ROWS_PER_INSERT]
+        if len(part) == 1:
+            con.execute(insert, part[0])
+            continue
+        con.execute(_many_rows(insert, len(part)), list(itertools.chain(*part)))
+
+
+@functools.lru_cache(maxsize=128)
+def _many_rows(insert: str, count: int) -> str:
+    """``insert`` with ``count`` rows in its VALUES clause."""
+    head, found, rest = insert.partition("VALUES (")
+    row, closed, tail = rest.partition(")")
+    if not found or not closed:
+        raise ValueError(f"expected an INSERT with one VALUES row, got {insert!r}")
+    return f"{head}VALUES " + ", ".join([f"({row})"] * count) + tail
 
 
 def split_script(script: str) -> list[str]:
@@ -490,12 +550,18 @@ class SQLiteStorage(DurableStorage):
     ) -> None:
         audits: list[AuditRecord] = []
         states: dict[type[Any], list[tuple[Any, ...]]] = {}
+        latest: dict[type[Any], dict[Any, Record]] = {}
         for records in batches:
             for record in records:
                 if type(record) is AuditRecord:
                     audits.append(record)
+                    continue
+                cls = type(record)
+                key = _REPLACED.get(cls)
+                if key is not None:
+                    latest.setdefault(cls, {})[key(record)] = record
                 else:
-                    states.setdefault(type(record), []).append(_state_row(record))
+                    states.setdefault(cls, []).append(_state_row(record))
 
         if audits:
             if dedupe:
@@ -503,6 +569,8 @@ class SQLiteStorage(DurableStorage):
             self._append_audit(con, audits)
         for cls, rows in states.items():
             con.executemany(_UPSERTS[cls], rows)
+        for cls, kept in latest.items():
+            _insert_many(con, _UPSERTS[cls], [_state_row(r) for r in kept.values()])
 
     def _unstored(
         self, con: sqlite3.Connection, audits: list[AuditRecord]
@@ -534,12 +602,14 @@ class SQLiteStorage(DurableStorage):
         rows = []
         for record in audits:
             last_id += 1
-            digest = audit.chain_hash(last_hash, record)
+            stamp = _text_time(record.timestamp)
+            utc = record.timestamp.tzinfo is dt.UTC
+            digest = audit.chain_hash(last_hash, record, stamp if utc else None)
             rows.append(
                 (
                     last_id,
                     record.uid,
-                    _text_time(record.timestamp),
+                    stamp,
                     record.severity,
                     record.event_type,
                     record.user,
@@ -556,7 +626,7 @@ class SQLiteStorage(DurableStorage):
                 )
             )
             last_hash = digest
-        con.executemany(_INSERT_AUDIT, rows)
+        _insert_many(con, _INSERT_AUDIT, rows)
         con.execute(
             "UPDATE audit_chain_head SET last_id = ?, last_hash = ? WHERE id = 1",
             (last_id, last_hash),

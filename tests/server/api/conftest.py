@@ -2,11 +2,11 @@
 
 ``make_server`` writes a configuration, opens the real SQLite storage in
 a temporary folder, builds the real Engine and Security, and serves
-``create_app`` with uvicorn on a free loopback port in a thread of its
-own (its own uvloop event loop, like the adapter's). Tests talk to it with
-httpx over real sockets. Password hashing uses argon2id with small costs
-here so that dozens of logins stay fast; the directory tests check the
-production parameters.
+``create_app`` with uvicorn and the adapter's HTTP protocol on a free
+loopback port in a thread of its own (its own uvloop event loop, like the
+adapter's). Tests talk to it with httpx over real sockets. Password
+hashing uses argon2id with small costs here so that dozens of logins stay
+fast; the directory tests check the production parameters.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ from calejo_server.alerts import AlertService, AlertSettings
 from calejo_server.api import HealthRegistry, create_app
 from calejo_server.api.app import SECURITY_HEADERS, lifespan_of
 from calejo_server.api.endpoint import Endpoint
+from calejo_server.api.transport import HttpProtocol
 from calejo_server.config import Config, load_config
 from calejo_server.engine import Engine, ManualClock
 from calejo_server.security import Passwords, Security
@@ -270,6 +271,7 @@ def serve(
         uvicorn.Config(
             app,
             loop="none",
+            http=HttpProtocol,
             lifespan="on",
             log_config=None,
             access_log=False,

@@ -359,6 +359,22 @@ def test_role_changes_take_effect_at_once(api: ApiServer) -> None:
     assert changed["details"]["role"] == "viewer"
 
 
+def test_a_users_new_role_holds_for_the_token_in_use(api: ApiServer) -> None:
+    user_id, username, password = api.add_user("operator")
+    token = bearer(api.login(username, password))
+    setpoint = f"{API}/pump-stations/north/pumps/p2/setpoint"
+    assert api.client.put(setpoint, json={"value": 30}, headers=token).is_success
+
+    for role, status in (("viewer", 403), ("operator", 200), ("viewer", 403)):
+        response = api.client.put(
+            f"{API}/users/{user_id}", json={"role": role}, headers=api.admin()
+        )
+        assert response.status_code == 200, response.text
+
+        answer = api.client.put(setpoint, json={"value": 31}, headers=token)
+        assert answer.status_code == status, (role, answer.text)
+
+
 def test_admin_keeps_user_and_role_management(api: ApiServer) -> None:
     admin = api.admin()
 

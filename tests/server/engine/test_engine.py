@@ -181,6 +181,30 @@ async def test_subscribers_get_events_and_can_leave(make_engine: MakeEngine) -> 
     assert engine.pump("north", "p1").target == 41.0
 
 
+async def test_subscribers_of_some_kinds_get_only_those(
+    make_engine: MakeEngine,
+) -> None:
+    engine = await make_engine()
+    stops: list[EngineEvent] = []
+    leave = engine.subscribe(stops.append, ["emergency_stop", "failsafe_exited"])
+    await engine.set_setpoint("north", "p1", 40, CTX)
+    await engine.emergency_stop("pump", "north", "p2", "seal", "eve", CTX)
+
+    assert [e.kind for e in stops] == ["failsafe_exited", "emergency_stop"]
+
+    everything: list[EngineEvent] = []
+    engine.subscribe(everything.append)
+    await engine.set_setpoint("north", "p1", 41, CTX)
+    leave()
+    await engine.set_setpoint("north", "p1", 42, CTX)
+
+    assert len(stops) == 2
+    assert [e.details["target"] for e in everything] == [41.0, 42.0]
+    assert everything[0].message == (
+        "setpoint accepted for pump p1 at station north: target 41 Hz"
+    )
+
+
 async def test_storage_health_sets_status_bit_and_events(
     make_engine: MakeEngine, harness: Harness
 ) -> None:

@@ -124,6 +124,25 @@ def test_the_chain_verifies(opened: Opened, arun: Run) -> None:
     arun(main())
 
 
+def test_large_groups_are_chained_in_order(opened: Opened, arun: Run) -> None:
+    records = _records(150)
+
+    async def main() -> None:
+        async with opened() as storage:
+            await storage.write(records[:70])
+            await asyncio.gather(
+                *(storage.write(records[k : k + 16]) for k in range(70, 150, 16))
+            )
+            verdict = await audit.verify(storage)
+            rows = [row async for row in storage.audit_iter()]
+
+        assert verdict == audit.ChainVerdict(ok=True, checked=150)
+        assert [row.id for row in rows] == list(range(1, 151))
+        assert [row.record for row in rows] == records
+
+    arun(main())
+
+
 @pytest.mark.parametrize("statement", ["UPDATE", "DELETE"])
 def test_the_log_refuses_update_and_delete(
     opened: Opened, arun: Run, database: Database, statement: str

@@ -6,6 +6,8 @@ import asyncio
 import dataclasses
 import datetime as dt
 import math
+import time
+import uuid
 from collections.abc import Callable
 from typing import Any
 
@@ -25,8 +27,10 @@ from calejo_server.storage.base import (
     StorageError,
     TokenRecord,
     UserRecord,
+    new_uid,
     utcnow,
 )
+from calejo_server.storage.sqlite import _many_rows, _text_time
 
 Opened = Callable[..., Any]
 Run = Callable[..., Any]
@@ -214,6 +218,48 @@ def test_latest_state_wins(opened: Opened, arun: Run) -> None:
         assert [(u.username, u.failed_logins) for u in snapshot.users] == [
             ("alice2", 4)
         ]
+
+    arun(main())
+
+
+def test_one_commit_of_many_states_keeps_the_last_of_each(
+    opened: Opened, arun: Run
+) -> None:
+    def setpoint(pump: str, value: float, minutes: float) -> SetpointRecord:
+        return SetpointRecord(
+            "st1", pump, value, value, value, "accepted", "REST", None, _at(minutes)
+        )
+
+    def state(station: str, minutes: float, failsafe: bool) -> StationStateRecord:
+        return StationStateRecord(station, _at(minutes), failsafe)
+
+    writes = [
+        [setpoint(f"p{k % 3}", 30.0 + k, k), state(f"st{k % 2}", k, k % 4 == 1)]
+        for k in range(12)
+    ]
+    plans = [
+        PlanRecord("day", version, _at(version), {"version": version}, None)
+        for version in (3, 1, 2)
+    ]
+
+    async def main() -> None:
+        async with opened() as storage:
+            await asyncio.gather(*(storage.write(records) for records in writes))
+            await storage.write(plans)
+            snapshot = await storage.load()
+
+        assert [(s.pump_id, s.target, s.at) for s in snapshot.setpoints] == [
+            ("p0", 39.0, _at(9)),
+            ("p1", 40.0, _at(10)),
+            ("p2", 41.0, _at(11)),
+        ]
+        assert [
+            (s.station_id, s.last_fresh_at, s.failsafe) for s in snapshot.station_states
+        ] == [
+            ("st0", _at(10), False),
+            ("st1", _at(11), False),
+        ]
+        assert [p.version for p in snapshot.plans] == [3]
 
     arun(main())
 
@@ -421,3 +467,38 @@ def test_health_is_ok_when_open(opened: Opened, arun: Run, backend: str) -> None
         assert health.spooled == 0
 
     arun(main())
+
+
+def test_uids_are_time_ordered_version_7_uuids_in_hex() -> None:
+    before = time.time_ns() // 1_000_000
+    uids = [new_uid() for _ in range(2000)]
+    after = time.time_ns() // 1_000_000
+
+    assert len(set(uids)) == len(uids)
+    for uid in uids:
+        parsed = uuid.UUID(hex=uid)
+        assert parsed.hex == uid
+        assert parsed.version == 7 and parsed.variant == uuid.RFC_4122
+        assert before <= int(uid[:12], 16) <= after
+    prefixes = [uid[:12] for uid in uids]
+    assert prefixes == sorted(prefixes)
+
+
+def test_stored_times_are_each_moment_in_iso_form() -> None:
+    utc = dt.datetime(2030, 1, 1, 12, 0, 0, 250, tzinfo=dt.UTC)
+    same_instant = utc.astimezone(dt.timezone(dt.timedelta(hours=2)))
+    moments = [utc, utc, same_instant, utc, _at(1), _at(1), same_instant]
+
+    for moment in moments:
+        assert _text_time(moment) == moment.isoformat(timespec="microseconds")
+
+
+def test_a_multi_row_insert_repeats_the_one_row() -> None:
+    insert = "INSERT INTO t (a, b) VALUES (?, ?) ON CONFLICT (a) DO UPDATE SET b = 1"
+
+    assert _many_rows(insert, 3) == (
+        "INSERT INTO t (a, b) VALUES (?, ?), (?, ?), (?, ?) "
+        "ON CONFLICT (a) DO UPDATE SET b = 1"
+    )
+    with pytest.raises(ValueError, match="one VALUES row"):
+        _many_rows("DELETE FROM t", 2)
