@@ -171,6 +171,8 @@ one repeats."""
 MAX_BACKLOG: Final = 32 * 1024 * 1024
 """Bytes of values the worker may leave unread before the adapter stops
 sending and, once it has caught up, sends everything afresh."""
+PUSH_SPACING: Final = 0.001
+"""Least seconds between two sends of what requests changed."""
 DIRECTORY_TIMEOUT: Final = 1.5
 SILENCE_LIMIT: Final = 5.0
 """Seconds without a word from the worker (it reports every second) after
@@ -478,6 +480,7 @@ class OpcUaServer:
         self._stations: list[_StationFeed] = []
         self._marked: set[int] = set()
         self._push_due = False
+        self._pushed_at = 0.0
         self._behind = False
         self._seen: tuple[Any, Any, Any] | None = None
         self._bits: list[int] = []
@@ -876,15 +879,23 @@ class OpcUaServer:
     # Values.
 
     def _changed(self, station: int) -> None:
-        """Engine watcher: a request changed ``station``; send it this turn."""
+        """Engine watcher: a request changed ``station``; send it this turn,
+        or, when the last send was less than PUSH_SPACING ago, then (under a
+        stream of requests, one message carries many)."""
         self._marked.add(station)
         if self._push_due or not self._worker_up:
             return
         self._push_due = True
-        asyncio.get_running_loop().call_soon(self._push_marked)
+        loop = asyncio.get_running_loop()
+        wait = self._pushed_at + PUSH_SPACING - loop.time()
+        if wait > 0:
+            loop.call_later(wait, self._push_marked)
+        else:
+            loop.call_soon(self._push_marked)
 
     def _push_marked(self) -> None:
         self._push_due = False
+        self._pushed_at = asyncio.get_running_loop().time()
         marked, self._marked = self._marked, set()
         self._push(stations=marked)
 
@@ -984,17 +995,24 @@ class OpcUaServer:
             for span in spans:
                 now_a, now_t, now_s = applied[span], target[span], status[span]
                 was_a, was_t, was_s = seen[0][span], seen[1][span], seen[2][span]
-                differs = (
-                    _differ(now_a, was_a) | _differ(now_t, was_t) | (now_s != was_s)
-                )
+                if stations is None:
+                    differs = _differ(now_a, was_a) | _differ(now_t, was_t)
+                else:
+                    # A request's few pumps: the plain comparison is cheaper,
+                    # and a NaN, which the gate never holds, is merely resent.
+                    differs = (now_a != was_a) | (now_t != was_t)
+                differs |= now_s != was_s
                 hits = np.flatnonzero(differs)
                 if hits.size:
-                    found.append(hits + (span.start or 0))
+                    first = span.start or 0
+                    found.append(hits + first)
                     was_a[hits], was_t[hits], was_s[hits] = (
                         now_a[hits],
                         now_t[hits],
                         now_s[hits],
                     )
+                    if stations is not None and self._ages is not None:
+                        self._collect_ages(message, span, hits)
             index = np.concatenate(found) if found else np.empty(0, dtype=np.intp)
         if index.size:
             message["pumps"] = {
@@ -1029,10 +1047,10 @@ class OpcUaServer:
             message["heartbeat"] = heartbeat
 
         if full or everything or self._ages is None:
-            self._collect_slow(message, None, everything=everything)
+            self._collect_slow(message, everything=everything)
         elif stations:
             for k in sorted(stations):
-                self._collect_slow(message, self._stations[k].pumps)
+                self._collect_plans(message, self._stations[k].pumps)
 
         if not message:
             return None
@@ -1040,42 +1058,50 @@ class OpcUaServer:
         message["at"] = time.time()
         return message
 
-    def _collect_slow(
-        self, message: Message, span: slice | None, *, everything: bool = False
-    ) -> None:
-        """Setpoint ages and plans that changed, of ``span`` or of all pumps."""
+    def _collect_slow(self, message: Message, *, everything: bool = False) -> None:
+        """Every pump's setpoint age and plan that changed."""
         engine = self.engine
-        if span is None or self._ages is None or self._plans is None:
-            ages = np.round(engine.setpoint_ages(), 1)
-            last = self._ages
-            if everything or last is None or len(last) != len(ages):
-                index = np.arange(len(ages))
-            else:
-                index = np.flatnonzero(_differ(ages, last))
-            self._ages = ages
-            plans = engine.plan_ids()
-            before = self._plans
-            if everything or before is None or len(before) != len(plans):
-                moved = list(range(len(plans)))
-            else:
-                pairs = enumerate(zip(plans, before, strict=True))
-                moved = [k for k, (now, was) in pairs if now != was]
-            self._plans = plans
-            first = 0
+        ages = np.round(engine.setpoint_ages(), 1)
+        last = self._ages
+        if everything or last is None or len(last) != len(ages):
+            index = np.arange(len(ages))
         else:
-            ages = np.round(engine.setpoint_ages(span), 1)
-            last = self._ages[span]
             index = np.flatnonzero(_differ(ages, last))
-            last[index] = ages[index]
-            plans = engine.plan_ids(span)
-            before = self._plans[span]
-            moved = [k for k, now in enumerate(plans) if now != before[k]]
-            first = span.start or 0
-            for k in moved:
-                self._plans[first + k] = plans[k]
-
+        self._ages = ages
         if index.size:
-            _extend(message, "ages", index=index + first, age=ages[index])
+            _extend(message, "ages", index=index, age=ages[index])
+
+        plans = engine.plan_ids()
+        before = self._plans
+        if everything or before is None or len(before) != len(plans):
+            moved = list(range(len(plans)))
+        else:
+            pairs = enumerate(zip(plans, before, strict=True))
+            moved = [k for k, (now, was) in pairs if now != was]
+        self._plans = plans
+        if moved:
+            _extend(message, "plans", index=moved, plan=[plans[k] for k in moved])
+
+    def _collect_ages(
+        self, message: Message, span: slice, hits: npt.NDArray[np.intp]
+    ) -> None:
+        """The setpoint ages of the pumps of ``span`` that a request changed."""
+        assert self._ages is not None
+        first = span.start or 0
+        ages = np.round(self.engine.setpoint_ages(span)[hits], 1)
+        self._ages[hits + first] = ages
+        _extend(message, "ages", index=hits + first, age=ages)
+
+    def _collect_plans(self, message: Message, span: slice) -> None:
+        """The plans of the pumps of ``span`` that changed."""
+        if self._plans is None:
+            return
+        first = span.start or 0
+        plans = self.engine.plan_ids(span)
+        known = self._plans
+        moved = [k for k, plan in enumerate(plans) if plan != known[first + k]]
+        for k in moved:
+            known[first + k] = plans[k]
         if moved:
             _extend(
                 message,
