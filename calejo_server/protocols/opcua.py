@@ -982,39 +982,22 @@ class OpcUaServer:
         message: Message = {}
 
         seen = self._seen
+        index: npt.NDArray[np.intp] | None = None
         if everything or seen is None or len(seen[0]) != len(applied):
             index = np.arange(len(applied))
             self._seen = (applied.copy(), target.copy(), status.copy())
+        elif stations is not None:
+            message["spans"] = [
+                self._span(self._stations[k].pumps, seen) for k in sorted(stations)
+            ]
         else:
-            spans = (
-                [self._stations[k].pumps for k in sorted(stations)]
-                if stations is not None
-                else [slice(0, len(applied))]
-            )
-            found = []
-            for span in spans:
-                now_a, now_t, now_s = applied[span], target[span], status[span]
-                was_a, was_t, was_s = seen[0][span], seen[1][span], seen[2][span]
-                if stations is None:
-                    differs = _differ(now_a, was_a) | _differ(now_t, was_t)
-                else:
-                    # A request's few pumps: the plain comparison is cheaper,
-                    # and a NaN, which the gate never holds, is merely resent.
-                    differs = (now_a != was_a) | (now_t != was_t)
-                differs |= now_s != was_s
-                hits = np.flatnonzero(differs)
-                if hits.size:
-                    first = span.start or 0
-                    found.append(hits + first)
-                    was_a[hits], was_t[hits], was_s[hits] = (
-                        now_a[hits],
-                        now_t[hits],
-                        now_s[hits],
-                    )
-                    if stations is not None and self._ages is not None:
-                        self._collect_ages(message, span, hits)
-            index = np.concatenate(found) if found else np.empty(0, dtype=np.intp)
-        if index.size:
+            differs = _differ(applied, seen[0]) | _differ(target, seen[1])
+            differs |= status != seen[2]
+            index = np.flatnonzero(differs)
+            seen[0][index] = applied[index]
+            seen[1][index] = target[index]
+            seen[2][index] = status[index]
+        if index is not None and index.size:
             message["pumps"] = {
                 "index": index,
                 "applied": applied[index],
@@ -1082,15 +1065,21 @@ class OpcUaServer:
         if moved:
             _extend(message, "plans", index=moved, plan=[plans[k] for k in moved])
 
-    def _collect_ages(
-        self, message: Message, span: slice, hits: npt.NDArray[np.intp]
-    ) -> None:
-        """The setpoint ages of the pumps of ``span`` that a request changed."""
-        assert self._ages is not None
-        first = span.start or 0
-        ages = np.round(self.engine.setpoint_ages(span)[hits], 1)
-        self._ages[hits + first] = ages
-        _extend(message, "ages", index=hits + first, age=ages)
+    def _span(self, span: slice, seen: tuple[Any, Any, Any]) -> dict[str, Any]:
+        """The pumps of ``span`` as they are now, noted as sent, with their
+        setpoint ages: the worker writes those that differ from its nodes.
+        Sending a station whole costs less here than finding what changed."""
+        gate = self.engine.gate
+        applied, target = gate.applied[span], gate.target[span]
+        status = gate.status[span]
+        seen[0][span], seen[1][span], seen[2][span] = applied, target, status
+        return {
+            "first": span.start or 0,
+            "applied": applied,
+            "target": target,
+            "status": status,
+            "age": np.round(self.engine.setpoint_ages(span), 1),
+        }
 
     def _collect_plans(self, message: Message, span: slice) -> None:
         """The plans of the pumps of ``span`` that changed."""
@@ -1099,6 +1088,8 @@ class OpcUaServer:
         first = span.start or 0
         plans = self.engine.plan_ids(span)
         known = self._plans
+        if plans == known[span]:
+            return
         moved = [k for k, plan in enumerate(plans) if plan != known[first + k]]
         for k in moved:
             known[first + k] = plans[k]

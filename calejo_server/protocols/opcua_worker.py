@@ -300,6 +300,8 @@ class Worker:
         self.namespace_index = 0
         self.stations: list[_StationNodes] = []
         self.pumps: list[dict[str, Variable] | None] = []
+        self.shown: list[tuple[Any, Any, Any] | None] = []
+        """Per pump, the (applied, target, status) its nodes hold."""
         self.heartbeat: Variable | None = None
 
         self.station_bits: tuple[tuple[str, int], ...] = ()
@@ -484,6 +486,7 @@ class Worker:
             default=-1,
         )
         self.pumps = [None] * size
+        self.shown = [None] * size
         self.stations = []
         values = Values()
         for station in stations:
@@ -641,21 +644,13 @@ class Worker:
                 strict=True,
             )
             for index, applied, target, bits in rows:
-                nodes = self.pumps[index] if 0 <= index < len(self.pumps) else None
-                if nodes is None:
-                    continue
-                bits = int(bits)
-                written += await write(
-                    aspace, nodes["Setpoint"], _real(applied), values
-                )
-                written += await write(aspace, nodes["Target"], _real(target), values)
-                written += await write(aspace, nodes["Status"], bits & 0xFFFF, values)
-                written += await write(
-                    aspace, nodes["Ramping"], bool(bits & self.ramping_bit), values
-                )
+                written += await self._pump_values(index, applied, target, bits, values)
                 count += 1
                 if count % UPDATE_CHUNK == 0:
                     await asyncio.sleep(0)
+
+        for span in message.get("spans", ()):
+            written += await self._span(span, values)
 
         ages = message.get("ages")
         if ages:
@@ -684,6 +679,50 @@ class Worker:
                 aspace, self.heartbeat, int(heartbeat) & 0xFFFFFFFF, values
             )
         self.writes += written
+
+    async def _pump_values(
+        self, index: int, applied: Any, target: Any, bits: Any, values: Values
+    ) -> int:
+        """Write one pump's setpoint, target, status and ramping; the count."""
+        nodes = self.pumps[index] if 0 <= index < len(self.pumps) else None
+        if nodes is None:
+            return 0
+        aspace = self._aspace()
+        status = int(bits)
+        written = await write(aspace, nodes["Setpoint"], _real(applied), values)
+        written += await write(aspace, nodes["Target"], _real(target), values)
+        written += await write(aspace, nodes["Status"], status & 0xFFFF, values)
+        written += await write(
+            aspace, nodes["Ramping"], bool(status & self.ramping_bit), values
+        )
+        self.shown[index] = (applied, target, bits)
+        return written
+
+    async def _span(self, span: Mapping[str, Any], values: Values) -> int:
+        """The pumps of one station as a request left them: the values of
+        those that differ from what their nodes show, with their setpoint
+        ages (the pumps a request set, whose age starts again)."""
+        first = span["first"]
+        if not isinstance(first, int) or first < 0:
+            raise ValueError(f"a span's first pump: expected an index, got {first!r}")
+        shown = self.shown
+        written = 0
+        rows = zip(
+            span["applied"], span["target"], span["status"], span["age"], strict=True
+        )
+        for index, (applied, target, bits, age) in enumerate(rows, first):
+            if index >= len(shown):
+                break
+            if shown[index] == (applied, target, bits):
+                continue
+            written += await self._pump_values(index, applied, target, bits, values)
+            nodes = self.pumps[index]
+            if nodes is not None:
+                value = None if age is None else float(age)
+                written += await write(
+                    self._aspace(), nodes["SetpointAge"], value, values
+                )
+        return written
 
     async def _station_bits(
         self, nodes: _StationNodes, bits: int, values: Values

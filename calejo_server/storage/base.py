@@ -15,6 +15,7 @@ import dataclasses
 import datetime as dt
 import logging
 import os
+import random
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any, Literal
@@ -41,10 +42,18 @@ def new_uid() -> str:
     rows changes one or two of its pages rather than one page per row.
     """
     millis = time.time_ns() // 1_000_000
-    raw = bytearray(millis.to_bytes(6, "big") + os.urandom(10))
-    raw[6] = (raw[6] & 0x0F) | 0x70
-    raw[8] = (raw[8] & 0x3F) | 0x80
-    return raw.hex()
+    bits = _UID_RANDOM.getrandbits(80)
+    bits = (bits & ~_UID_MARK_MASK) | _UID_MARKS
+    return (millis << 80 | bits).to_bytes(16, "big").hex()
+
+
+_UID_RANDOM = random.Random(os.urandom(32))
+"""The random part of record keys: they must not collide, not be secret,
+so a generator seeded once from the system's randomness serves (one
+system call per key would cost more than the rest of a record)."""
+_UID_MARK_MASK = 0xF000_C000_0000_0000_0000
+_UID_MARKS = 0x7000_8000_0000_0000_0000
+"""The version (7) and variant (RFC 9562) bits within the last 80 bits."""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -2,7 +2,8 @@
 
 :class:`DurableStorage` turns concurrent :meth:`write` calls into few
 transactions: calls queue up while one transaction is being committed and
-the next transaction takes all of them (each call still all-or-nothing:
+the next transaction takes all of them, after one turn of the event loop so
+that the requests read in that turn join it (each call still all-or-nothing:
 should the database refuse one call's data, the group is retried call by
 call and only that call fails). Each caller returns once its transaction
 has committed.
@@ -263,6 +264,7 @@ class DurableStorage(Storage):
         self._retry_max = retry_max
 
         self._phase: _Phase = "new"
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._pending: list[_Pending] = []
         self._wakeup = asyncio.Event()
         self._mode_lock = asyncio.Lock()
@@ -325,6 +327,7 @@ class DurableStorage(Storage):
             await self._abandon_open()
             raise
 
+        self._loop = asyncio.get_running_loop()
         self._phase = "open"
         self._set_state("ok", self.where())
         self._committer = asyncio.create_task(
@@ -427,7 +430,8 @@ class DurableStorage(Storage):
             return
 
         batch = [normalise(record) for record in records]
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        assert self._loop is not None
+        future: asyncio.Future[None] = self._loop.create_future()
         self._pending.append(_Pending(batch, future))
         self._wakeup.set()
         await future
@@ -442,6 +446,9 @@ class DurableStorage(Storage):
             await self._wakeup.wait()
             self._wakeup.clear()
             while self._pending:
+                # One turn of the loop first: requests already read in this
+                # turn join the group rather than wait for the next commit.
+                await asyncio.sleep(0)
                 group = self._pending[:MAX_GROUP_BATCHES]
                 del self._pending[:MAX_GROUP_BATCHES]
                 try:
