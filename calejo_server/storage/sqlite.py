@@ -2,18 +2,21 @@
 
 Writing uses one connection. A group of a few records (the common case: a
 setpoint with its audit row) is committed on the event loop itself, which
-costs less than handing it to a thread and waiting there for the GIL; a
-larger group, a delivery from the spool, and a commit that finds the
-database locked by another process go to the writer thread, which may
-wait. Either way the commit only writes the WAL (``synchronous=NORMAL``)
-and the acknowledgement waits for the sync thread's ``fdatasync`` of the
-WAL file: what is acknowledged is on disk, as with ``synchronous=FULL``,
-but the event loop never waits on the disk. The sync thread also
-checkpoints the WAL into the database file now and then, on a connection
-of its own (automatic checkpoints, which would run inside a commit, are
-off). Reading happens on a third thread with its own connection, so reads
-do not wait for writes. Times are stored as ISO 8601 UTC text with
-microseconds, JSON documents as text.
+costs less than handing it to a thread and taking the GIL back; a larger
+group, a delivery from the spool, and a commit that finds the database
+locked by another process go to the writer thread, which may wait. Either
+way the commit only writes the WAL (``synchronous=NORMAL``) and the
+callers are answered after an ``fdatasync`` of the WAL file: what is
+acknowledged is on disk, as with ``synchronous=FULL``. While the disk
+syncs quickly (under :data:`LOOP_SYNC_SECONDS` on average) the loop syncs
+itself, which is cheaper than a thread's round trip; a slower disk is
+synced on the sync thread, so the loop never waits long on it. Every so
+many commits the sync thread checkpoints the WAL into the database file,
+on a connection of its own, before the next commit starts (automatic
+checkpoints, which would run inside a commit on the loop, are off).
+Reading happens on a third thread with its own connection, so reads do not
+wait for writes. Times are stored as ISO 8601 UTC text with microseconds,
+JSON documents as text.
 """
 
 from __future__ import annotations
@@ -77,6 +80,10 @@ MAX_QUERY_ROWS = 10_000
 LOOP_COMMIT_RECORDS = 64
 """Most records a commit on the event loop carries; more go to the writer
 thread (a batch of a thousand setpoints would hold the loop for ms)."""
+
+LOOP_SYNC_SECONDS = 0.001
+"""The loop syncs the WAL itself while a sync takes less than this on
+average (over the last few); above it the sync thread does."""
 
 CHECKPOINT_COMMITS = 200
 """Commits after which the sync thread checkpoints the WAL."""
@@ -412,6 +419,7 @@ class SQLiteStorage(DurableStorage):
         self._rcon: sqlite3.Connection | None = None
         self._ccon: sqlite3.Connection | None = None
         self._wal_path = self.path.with_name(self.path.name + "-wal")
+        self._sync_seconds = 0.0
         self._unchecked = 0
         self._checked_at = 0.0
 
@@ -558,7 +566,14 @@ class SQLiteStorage(DurableStorage):
                 await self._in_writer(self._commit_now, batches, dedupe, True)
         else:
             await self._in_writer(self._commit_now, batches, dedupe, True)
-        await self._in_syncer(self._sync_wal)
+
+        if self._sync_seconds < LOOP_SYNC_SECONDS:
+            took = self._sync_wal()
+        else:
+            took = await self._in_syncer(self._sync_wal)
+        self._sync_seconds += (took - self._sync_seconds) / 4
+        if self._checkpoint_due():
+            await self._in_syncer(self._checkpoint)
 
     def _commit_now(
         self,
@@ -607,13 +622,13 @@ class SQLiteStorage(DurableStorage):
             self._rollback(con)
             raise
 
-    def _sync_wal(self) -> None:
-        """On the sync thread: put every commit so far on disk, and
-        checkpoint the WAL when it is due.
+    def _sync_wal(self) -> float:
+        """Put every commit so far on disk; the seconds it took.
 
         The WAL file is opened by name each time, so the sync always
         reaches the file SQLite writes now.
         """
+        started = time.perf_counter()
         try:
             fd = os.open(self._wal_path, os.O_RDONLY | os.O_CLOEXEC)
             try:
@@ -622,20 +637,27 @@ class SQLiteStorage(DurableStorage):
                 os.close(fd)
         except OSError as exc:
             raise Unavailable(f"syncing {self._wal_path} failed: {exc}") from exc
+        return time.perf_counter() - started
 
+    def _checkpoint_due(self) -> bool:
+        """Every so many commits, or seconds, the WAL is checkpointed."""
         self._unchecked += 1
         now = time.monotonic()
-        due = now - self._checked_at >= CHECKPOINT_SECONDS
-        if self._unchecked >= CHECKPOINT_COMMITS or due:
-            self._unchecked = 0
-            self._checked_at = now
-            self._checkpoint()
+        if self._unchecked < CHECKPOINT_COMMITS and (
+            now - self._checked_at < CHECKPOINT_SECONDS
+        ):
+            return False
+        self._unchecked = 0
+        self._checked_at = now
+        return True
 
     def _checkpoint(self) -> None:
-        """Copy the WAL into the database file without blocking writers.
+        """Copy the WAL into the database file, between two commits.
 
-        A failure is logged and left to the next one: the WAL then grows,
-        and nothing acknowledged is at risk.
+        No commit runs meanwhile (the committer waits for it), so the
+        checkpoint takes the whole WAL and the next commit starts it
+        afresh. A failure is logged and left to the next one: the WAL then
+        grows, and nothing acknowledged is at risk.
         """
         try:
             if self._ccon is None:

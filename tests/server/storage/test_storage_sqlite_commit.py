@@ -1,8 +1,9 @@
 """How the SQLite backend commits: on the loop, synced before the answer.
 
 A small group is committed on the event loop, but acknowledged only after
-the sync thread's ``fdatasync`` of the WAL; a database locked by another
-process is waited for on the writer thread, never on the loop; the WAL is
+an ``fdatasync`` of the WAL, by the loop while the disk is quick and by the
+sync thread when it is slow; a database locked by another process is
+waited for on the writer thread, never on the loop; the WAL is
 checkpointed by the sync thread, so it stays small however many commits
 go by; a WAL that cannot be synced sends the writes to the spool, from
 which they reach the database once.
@@ -40,9 +41,10 @@ async def _wait_for(condition: Callable[[], bool], timeout: float, what: str) ->
         await asyncio.sleep(0.01)
 
 
-def test_the_answer_waits_for_the_wal_to_be_synced(
+def test_a_slow_disk_is_synced_off_the_loop_before_the_answer(
     data_dir: Path, setpoint_records: Records, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setattr(sqlite_backend, "LOOP_SYNC_SECONDS", 0.0)
     release = threading.Event()
     synced: list[str] = []
     real_sync = sqlite_backend.os.fdatasync
@@ -61,7 +63,10 @@ def test_the_answer_waits_for_the_wal_to_be_synced(
                 storage.write(setpoint_records("north", "p1", 30.0, 1))
             )
             await _wait_for(lambda: bool(synced), 5, "the WAL sync to start")
-            await asyncio.sleep(0.2)
+            started = time.monotonic()
+            for _ in range(20):
+                await asyncio.sleep(0.01)
+            assert time.monotonic() - started < 1.0, "the loop waited on the disk"
             assert not write.done(), "answered before the WAL was on disk"
             release.set()
             await asyncio.wait_for(write, 5)
@@ -71,6 +76,49 @@ def test_the_answer_waits_for_the_wal_to_be_synced(
 
     run(main())
     assert synced[0] == str((data_dir / "calejo.db-wal").resolve())
+
+
+def test_a_fast_disk_is_synced_on_the_loop_and_a_slow_one_is_not(
+    data_dir: Path, setpoint_records: Records, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_sync = sqlite_backend.os.fdatasync
+    slow = threading.Event()
+    synced: list[tuple[str, bool]] = []
+    pending: list[asyncio.Task[None]] = []
+
+    def watched_sync(fd: int) -> None:
+        answered = bool(pending) and pending[-1].done()
+        synced.append((threading.current_thread().name, answered))
+        if slow.is_set():
+            time.sleep(0.005)
+        real_sync(fd)
+
+    async def write(k: int) -> None:
+        task = asyncio.create_task(
+            storage.write(setpoint_records("north", "p1", 30.0 + k, k))
+        )
+        pending.append(task)
+        await task
+
+    async def main() -> None:
+        await storage.open()
+        try:
+            monkeypatch.setattr(sqlite_backend.os, "fdatasync", watched_sync)
+            for k in range(3):
+                await write(k)
+            slow.set()
+            for k in range(3, 10):
+                await write(k)
+        finally:
+            await storage.close()
+
+    storage = _storage(data_dir)
+    run(main())
+    loop_thread = threading.current_thread().name
+    assert not any(answered for _, answered in synced), "answered before the sync"
+    threads = [name for name, _ in synced]
+    assert threads[:3] == [loop_thread] * 3
+    assert threads[-1].startswith("calejo-sqlite-sync"), threads
 
 
 def test_a_database_locked_elsewhere_is_waited_for_off_the_loop(
