@@ -372,7 +372,7 @@ def normalise_audit_record(record: AuditRecord) -> AuditRecord:
     if (
         record.timestamp.tzinfo is dt.UTC
         and type(record.details) is dict
-        and _plain_texts(
+        and plain_texts(
             record.event_type,
             record.user,
             record.source_address,
@@ -416,7 +416,7 @@ def _normalised_fields(record: AuditRecord) -> AuditRecord:
     return dataclasses.replace(record, **changes)
 
 
-def _plain_texts(*texts: str | None) -> bool:
+def plain_texts(*texts: str | None) -> bool:
     """True when every one of ``texts`` is None or ASCII text without NUL.
 
     Such texts are what :func:`clean_text` returns unchanged; anything

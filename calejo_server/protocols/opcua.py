@@ -1078,7 +1078,7 @@ class OpcUaServer:
             "applied": applied,
             "target": target,
             "status": status,
-            "age": np.round(self.engine.setpoint_ages(span), 1),
+            "age": self.engine.setpoint_ages(span).round(1),
         }
 
     def _collect_plans(self, message: Message, span: slice) -> None:

@@ -44,6 +44,7 @@ from calejo_server.storage.base import (
     HealthState,
     Record,
     SetpointRecord,
+    StationStateRecord,
     Storage,
     StorageError,
     StorageHealth,
@@ -124,6 +125,8 @@ def normalise(record: object) -> Record:
     if cls is AuditRecord:
         assert isinstance(record, AuditRecord)
         return audit.normalise_audit_record(record)
+    if _plain_state(record):
+        return record  # type: ignore[return-value]
     kinds = _KINDS.get(cls)
     if kinds is None:
         raise StorageError(
@@ -170,6 +173,38 @@ def normalise(record: object) -> Record:
     if not changes:
         return normalised
     return dataclasses.replace(normalised, **changes)
+
+
+def _plain_state(record: object) -> bool:
+    """The quick look at the records of every setpoint: a pump's setpoint
+    and its station's state as the engine makes them (ASCII text, UTC
+    times, a finite request) are stored as they are."""
+    cls = type(record)
+    if cls is SetpointRecord:
+        assert isinstance(record, SetpointRecord)
+        requested = record.requested
+        return (
+            record.at.__class__ is dt.datetime
+            and record.at.tzinfo is dt.UTC
+            and (
+                requested is None
+                or (type(requested) is float and math.isfinite(requested))
+            )
+            and audit.plain_texts(
+                record.station_id,
+                record.pump_id,
+                record.outcome,
+                record.source,
+                record.user,
+            )
+        )
+    if cls is StationStateRecord:
+        assert isinstance(record, StationStateRecord)
+        fresh = record.last_fresh_at
+        return (
+            fresh is None or (fresh.__class__ is dt.datetime and fresh.tzinfo is dt.UTC)
+        ) and audit.plain_texts(record.station_id)
+    return False
 
 
 def emergency_stop_scope(record: EmergencyStopRecord) -> str:

@@ -36,6 +36,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
+import orjson
+
 from calejo_server import audit
 from calejo_server.storage.base import (
     AlertQuery,
@@ -199,21 +201,23 @@ _REJECTED_ERRORS = (
 def _text_time(moment: dt.datetime) -> str:
     """``moment`` as stored: ISO 8601 with microseconds.
 
-    The records of one change share one time object (a setpoint's audit
-    row, setpoint and station state), so the last one written is kept
-    with its text; the pair is replaced as a whole, so any thread may ask.
+    The records of one change share one time (a setpoint's audit row,
+    setpoint and station state), and a commit carries a few changes: the
+    texts of recent UTC times are kept (dict operations are atomic, so any
+    thread may ask).
     """
-    global _last_time
-    last = _last_time
-    if last[0] is moment:
-        return last[1]
-
-    text = moment.isoformat(timespec="microseconds")
-    _last_time = (moment, text)
+    if moment.tzinfo is not dt.UTC:
+        return moment.isoformat(timespec="microseconds")
+    text = _TIME_TEXTS.get(moment)
+    if text is None:
+        if len(_TIME_TEXTS) >= MAX_TIME_TEXTS:
+            _TIME_TEXTS.clear()
+        text = _TIME_TEXTS[moment] = moment.isoformat(timespec="microseconds")
     return text
 
 
-_last_time: tuple[dt.datetime | None, str] = (None, "")
+MAX_TIME_TEXTS = 256
+_TIME_TEXTS: dict[dt.datetime, str] = {}
 
 
 def _text_time_or_none(moment: dt.datetime | None) -> str | None:
@@ -232,7 +236,13 @@ _JSON_TEXT = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
 
 
 def _json_text(value: object) -> str:
-    return _JSON_TEXT.encode(value)
+    """A JSON document as stored (read back with json.loads). orjson writes
+    what the records hold once they are JSON-safe; the standard library
+    takes what it refuses (integers over 64 bits, keys that are not text)."""
+    try:
+        return orjson.dumps(value).decode()
+    except TypeError:
+        return _JSON_TEXT.encode(value)
 
 
 def _state_row(record: Record) -> tuple[Any, ...]:
