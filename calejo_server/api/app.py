@@ -26,10 +26,12 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from starlette.applications import Starlette
+from starlette.convertors import StringConvertor
+from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp, Lifespan, Message, Receive, Scope, Send
 
 from calejo_server.api import openapi
-from calejo_server.api.endpoint import Endpoint, Services, build_routes
+from calejo_server.api.endpoint import HOT_PATHS, Endpoint, Services, build_routes
 from calejo_server.api.errors import ApiError, error_answer, error_response
 from calejo_server.api.health import (
     HealthRegistry,
@@ -153,7 +155,22 @@ class RestApp(Starlette):
         app: ASGIApp = self.router
         for cls, args, kwargs in reversed(self.user_middleware):
             app = cls(app, *args, **kwargs)
-        return FrontDoor(app, self.metrics, self.max_body_bytes)
+        # With middleware of its own between the door and the router, every
+        # request goes the whole way.
+        hot = () if self.user_middleware else hot_routes(self.router.routes)
+        return FrontDoor(app, self.metrics, self.max_body_bytes, hot)
+
+
+def hot_routes(routes: Sequence[BaseRoute]) -> tuple[Route, ...]:
+    """The routes of :data:`~calejo_server.api.endpoint.HOT_PATHS`, whose
+    path parameters are plain text (so that their match is Starlette's)."""
+    return tuple(
+        route
+        for route in routes
+        if isinstance(route, Route)
+        and route.path in HOT_PATHS
+        and all(type(c) is StringConvertor for c in route.param_convertors.values())
+    )
 
 
 class BodyTooLarge(ApiError):
@@ -175,11 +192,16 @@ class FrontDoor:
     """
 
     def __init__(
-        self, app: ASGIApp, metrics: Metrics, max_body_bytes: int = DEFAULT_MAX_BODY
+        self,
+        app: ASGIApp,
+        metrics: Metrics,
+        max_body_bytes: int = DEFAULT_MAX_BODY,
+        hot: Sequence[Route] = (),
     ) -> None:
         self.app = app
         self.metrics = metrics
         self.max_body_bytes = max_body_bytes
+        self.hot = tuple(hot)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -209,7 +231,7 @@ class FrontDoor:
         scope["starlette.exception_handlers"] = NO_HANDLERS
         receive = self._counting(receive)
         try:
-            await self.app(scope, receive, respond)
+            await self._route(scope)(scope, receive, respond)
         except Exception as exc:
             await self._answer_error(scope, receive, respond, exc, status != 0)
         finally:
@@ -219,6 +241,23 @@ class FrontDoor:
                 status or 500,
                 time.perf_counter() - started,
             )
+
+    def _route(self, scope: Scope) -> ASGIApp:
+        """The app for this request: a hot route's own, matched here as the
+        router would match it (the setpoint writes skip the walk through
+        the router), or the router."""
+        if self.hot and not scope.get("root_path"):
+            path, method = scope["path"], scope["method"]
+            for route in self.hot:
+                match = route.path_regex.match(path)
+                if match is not None:
+                    if route.methods and method not in route.methods:
+                        break  # the router answers 405
+                    scope["route"] = route
+                    scope["endpoint"] = route.endpoint
+                    scope["path_params"] = match.groupdict()
+                    return route.app
+        return self.app
 
     async def _answer_error(
         self, scope: Scope, receive: Receive, send: Send, exc: Exception, started: bool
