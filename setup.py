@@ -14,7 +14,7 @@ import numpy
 from Cython.Build import cythonize
 from setuptools import Extension, setup
 
-MODULES = ("gate", "codecs", "modbus")
+MODULES = ("gate", "codecs", "modbus", "filesync")
 
 DEBUG = os.environ.get("CALEJO_DEBUG_BUILD", "") not in ("", "0")
 

@@ -7,16 +7,15 @@ group, a delivery from the spool, and a commit that finds the database
 locked by another process go to the writer thread, which may wait. Either
 way the commit only writes the WAL (``synchronous=NORMAL``) and the
 callers are answered after an ``fdatasync`` of the WAL file: what is
-acknowledged is on disk, as with ``synchronous=FULL``. While the disk
-syncs quickly (under :data:`LOOP_SYNC_SECONDS` on average) the loop syncs
-itself, which is cheaper than a thread's round trip; a slower disk is
-synced on the sync thread, so the loop never waits long on it. Every so
-many commits the sync thread checkpoints the WAL into the database file,
-on a connection of its own, before the next commit starts (automatic
-checkpoints, which would run inside a commit on the loop, are off).
-Reading happens on a third thread with its own connection, so reads do not
-wait for writes. Times are stored as ISO 8601 UTC text with microseconds,
-JSON documents as text.
+acknowledged is on disk, as with ``synchronous=FULL``. The sync runs on
+a thread of the core's :class:`~calejo_core.filesync.FileSyncer` that
+never takes the GIL, so the loop goes on serving while the disk syncs and
+hears of the outcome through an eventfd. Every so many commits the sync
+thread checkpoints the WAL into the database file, on a connection of its
+own, before the next commit starts (automatic checkpoints, which would
+run inside a commit on the loop, are off). Reading happens on a third
+thread with its own connection, so reads do not wait for writes. Times
+are stored as ISO 8601 UTC text with microseconds, JSON documents as text.
 """
 
 from __future__ import annotations
@@ -38,6 +37,7 @@ from typing import Any, TypeVar
 
 import orjson
 
+from calejo_core.filesync import FileSyncer
 from calejo_server import audit
 from calejo_server.storage.base import (
     AlertQuery,
@@ -82,10 +82,6 @@ MAX_QUERY_ROWS = 10_000
 LOOP_COMMIT_RECORDS = 64
 """Most records a commit on the event loop carries; more go to the writer
 thread (a batch of a thousand setpoints would hold the loop for ms)."""
-
-LOOP_SYNC_SECONDS = 0.001
-"""The loop syncs the WAL itself while a sync takes less than this on
-average (over the last few); above it the sync thread does."""
 
 CHECKPOINT_COMMITS = 200
 """Commits after which the sync thread checkpoints the WAL."""
@@ -429,7 +425,8 @@ class SQLiteStorage(DurableStorage):
         self._rcon: sqlite3.Connection | None = None
         self._ccon: sqlite3.Connection | None = None
         self._wal_path = self.path.with_name(self.path.name + "-wal")
-        self._sync_seconds = 0.0
+        self._wal_syncer: FileSyncer | None = None
+        self._wal_sync: asyncio.Future[int] | None = None
         self._unchecked = 0
         self._checked_at = 0.0
 
@@ -442,6 +439,7 @@ class SQLiteStorage(DurableStorage):
         try:
             await self._in_writer(self._connect_writer)
             await self._in_reader(self._connect_reader)
+            self._start_wal_syncer()
         except sqlite3.Error as exc:
             raise StorageError(
                 f"{self.where()}: cannot open the database ({exc})"
@@ -452,6 +450,7 @@ class SQLiteStorage(DurableStorage):
             ) from exc
 
     async def _disconnect(self) -> None:
+        self._stop_wal_syncer()
         pairs = (
             (self._syncer, "_ccon"),
             (self._writer, "_wcon"),
@@ -577,11 +576,7 @@ class SQLiteStorage(DurableStorage):
         else:
             await self._in_writer(self._commit_now, batches, dedupe, True)
 
-        if self._sync_seconds < LOOP_SYNC_SECONDS:
-            took = self._sync_wal()
-        else:
-            took = await self._in_syncer(self._sync_wal)
-        self._sync_seconds += (took - self._sync_seconds) / 4
+        await self._sync()
         if self._checkpoint_due():
             await self._in_syncer(self._checkpoint)
 
@@ -632,13 +627,61 @@ class SQLiteStorage(DurableStorage):
             self._rollback(con)
             raise
 
-    def _sync_wal(self) -> float:
-        """Put every commit so far on disk; the seconds it took.
+    # -- syncing the WAL
+
+    def _start_wal_syncer(self) -> None:
+        if self._wal_syncer is not None:
+            return
+        syncer = FileSyncer(self._wal_path)
+        asyncio.get_running_loop().add_reader(syncer.done_fd, self._wal_synced)
+        self._wal_syncer = syncer
+
+    def _stop_wal_syncer(self) -> None:
+        syncer, self._wal_syncer = self._wal_syncer, None
+        if syncer is None:
+            return
+        asyncio.get_running_loop().remove_reader(syncer.done_fd)
+        if not syncer.stop():
+            logger.warning("%s: the WAL sync thread did not end", self.where())
+
+    def _wal_synced(self) -> None:
+        """The syncer's eventfd turned readable: its sync is done."""
+        syncer, waiter = self._wal_syncer, self._wal_sync
+        outcome = syncer.outcome() if syncer is not None else None
+        if outcome is None:
+            return
+        self._wal_sync = None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(outcome)
+
+    async def _sync(self) -> None:
+        """Put every commit so far on disk, off the loop.
+
+        The file syncer runs one sync at a time: a sync still running for
+        a commit whose caller went away is waited for first. Without the
+        syncer (its thread ended), a thread of the pool syncs instead.
+        """
+        while self._wal_sync is not None:
+            await asyncio.shield(self._wal_sync)
+        syncer = self._wal_syncer
+        if syncer is None or not syncer.alive():
+            await self._in_syncer(self._sync_wal)
+            return
+
+        self._wal_sync = waiter = asyncio.get_running_loop().create_future()
+        syncer.request()
+        failure = await asyncio.shield(waiter)
+        if failure:
+            raise Unavailable(
+                f"syncing {self._wal_path} failed: {os.strerror(failure)}"
+            )
+
+    def _sync_wal(self) -> None:
+        """Put every commit so far on disk, on the calling thread.
 
         The WAL file is opened by name each time, so the sync always
         reaches the file SQLite writes now.
         """
-        started = time.perf_counter()
         try:
             fd = os.open(self._wal_path, os.O_RDONLY | os.O_CLOEXEC)
             try:
@@ -647,7 +690,6 @@ class SQLiteStorage(DurableStorage):
                 os.close(fd)
         except OSError as exc:
             raise Unavailable(f"syncing {self._wal_path} failed: {exc}") from exc
-        return time.perf_counter() - started
 
     def _checkpoint_due(self) -> bool:
         """Every so many commits, or seconds, the WAL is checkpointed."""

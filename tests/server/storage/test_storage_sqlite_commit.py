@@ -1,8 +1,8 @@
 """How the SQLite backend commits: on the loop, synced before the answer.
 
 A small group is committed on the event loop, but acknowledged only after
-an ``fdatasync`` of the WAL, by the loop while the disk is quick and by the
-sync thread when it is slow; a database locked by another process is
+an ``fdatasync`` of the WAL, which runs off the loop (the loop keeps
+serving meanwhile); a database locked by another process is
 waited for on the writer thread, never on the loop; the WAL is
 checkpointed by the sync thread, so it stays small however many commits
 go by; a WAL that cannot be synced sends the writes to the spool, from
@@ -12,8 +12,9 @@ which they reach the database once.
 from __future__ import annotations
 
 import asyncio
+import errno
+import os
 import sqlite3
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -41,84 +42,105 @@ async def _wait_for(condition: Callable[[], bool], timeout: float, what: str) ->
         await asyncio.sleep(0.01)
 
 
-def test_a_slow_disk_is_synced_off_the_loop_before_the_answer(
-    data_dir: Path, setpoint_records: Records, monkeypatch: pytest.MonkeyPatch
+class HeldSyncer:
+    """Stands in for the core's FileSyncer: the same eventfds, but each sync
+    is done (really, with fdatasync) only when the test says so, or fails
+    with ``failure`` while that is set."""
+
+    made: list[HeldSyncer] = []
+
+    def __init__(self, path: Path) -> None:
+        self.path = os.fsencode(path)
+        self.request_fd = os.eventfd(0, os.EFD_CLOEXEC)
+        self.done_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self.asked = 0
+        self.hold = False
+        self.failure = 0
+        HeldSyncer.made.append(self)
+
+    def request(self) -> None:
+        self.asked += 1
+        if not self.hold:
+            self.finish()
+
+    def finish(self) -> None:
+        if not self.failure:
+            fd = os.open(self.path, os.O_RDONLY)
+            try:
+                os.fdatasync(fd)
+            finally:
+                os.close(fd)
+        os.eventfd_write(self.done_fd, 1 + 2 * self.failure)
+
+    def outcome(self) -> int | None:
+        try:
+            return (os.eventfd_read(self.done_fd) - 1) // 2
+        except BlockingIOError:
+            return None
+
+    def alive(self) -> bool:
+        return True
+
+    def stop(self, timeout: float = 5.0) -> bool:
+        os.close(self.request_fd)
+        os.close(self.done_fd)
+        return True
+
+
+@pytest.fixture
+def held(monkeypatch: pytest.MonkeyPatch) -> type[HeldSyncer]:
+    HeldSyncer.made = []
+    monkeypatch.setattr(sqlite_backend, "FileSyncer", HeldSyncer)
+    return HeldSyncer
+
+
+def test_the_answer_waits_for_the_wal_sync_and_the_loop_does_not(
+    data_dir: Path, setpoint_records: Records, held: type[HeldSyncer]
 ) -> None:
-    monkeypatch.setattr(sqlite_backend, "LOOP_SYNC_SECONDS", 0.0)
-    release = threading.Event()
-    synced: list[str] = []
-    real_sync = sqlite_backend.os.fdatasync
-
-    def held_sync(fd: int) -> None:
-        synced.append(sqlite_backend.os.readlink(f"/proc/self/fd/{fd}"))
-        release.wait(10)
-        real_sync(fd)
-
     async def main() -> None:
         storage = _storage(data_dir)
         await storage.open()
         try:
-            monkeypatch.setattr(sqlite_backend.os, "fdatasync", held_sync)
+            (syncer,) = held.made
+            assert syncer.path == os.fsencode(data_dir / "calejo.db-wal")
+            syncer.hold = True
             write = asyncio.create_task(
                 storage.write(setpoint_records("north", "p1", 30.0, 1))
             )
-            await _wait_for(lambda: bool(synced), 5, "the WAL sync to start")
+            await _wait_for(lambda: syncer.asked == 1, 5, "the WAL sync to start")
             started = time.monotonic()
             for _ in range(20):
                 await asyncio.sleep(0.01)
             assert time.monotonic() - started < 1.0, "the loop waited on the disk"
             assert not write.done(), "answered before the WAL was on disk"
-            release.set()
+
+            syncer.finish()
             await asyncio.wait_for(write, 5)
+            rows = await storage.audit_query(AuditQuery())
+            assert [row.record.details.get("k") for row in rows] == [1]
         finally:
-            release.set()
             await storage.close()
 
     run(main())
-    assert synced[0] == str((data_dir / "calejo.db-wal").resolve())
 
 
-def test_a_fast_disk_is_synced_on_the_loop_and_a_slow_one_is_not(
-    data_dir: Path, setpoint_records: Records, monkeypatch: pytest.MonkeyPatch
+def test_the_real_syncer_syncs_the_wal(
+    data_dir: Path, setpoint_records: Records
 ) -> None:
-    real_sync = sqlite_backend.os.fdatasync
-    slow = threading.Event()
-    synced: list[tuple[str, bool]] = []
-    pending: list[asyncio.Task[None]] = []
-
-    def watched_sync(fd: int) -> None:
-        answered = bool(pending) and pending[-1].done()
-        synced.append((threading.current_thread().name, answered))
-        if slow.is_set():
-            time.sleep(0.005)
-        real_sync(fd)
-
-    async def write(k: int) -> None:
-        task = asyncio.create_task(
-            storage.write(setpoint_records("north", "p1", 30.0 + k, k))
-        )
-        pending.append(task)
-        await task
-
     async def main() -> None:
+        storage = _storage(data_dir)
         await storage.open()
         try:
-            monkeypatch.setattr(sqlite_backend.os, "fdatasync", watched_sync)
-            for k in range(3):
-                await write(k)
-            slow.set()
-            for k in range(3, 10):
-                await write(k)
+            syncer = storage._wal_syncer
+            assert syncer is not None and syncer.alive()
+            assert syncer.path == os.fsencode(data_dir / "calejo.db-wal")
+            for k in range(20):
+                await storage.write(setpoint_records("north", "p1", 30.0, k))
         finally:
             await storage.close()
+        assert not syncer.alive()
 
-    storage = _storage(data_dir)
     run(main())
-    loop_thread = threading.current_thread().name
-    assert not any(answered for _, answered in synced), "answered before the sync"
-    threads = [name for name, _ in synced]
-    assert threads[:3] == [loop_thread] * 3
-    assert threads[-1].startswith("calejo-sqlite-sync"), threads
 
 
 def test_a_database_locked_elsewhere_is_waited_for_off_the_loop(
@@ -184,29 +206,21 @@ def test_the_wal_is_checkpointed_and_stays_small(
 
 
 def test_a_wal_that_cannot_be_synced_spools_and_delivers_once(
-    data_dir: Path, setpoint_records: Records, monkeypatch: pytest.MonkeyPatch
+    data_dir: Path, setpoint_records: Records, held: type[HeldSyncer]
 ) -> None:
-    failing = threading.Event()
-    failing.set()
-    real_sync = sqlite_backend.os.fdatasync
-
-    def flaky_sync(fd: int) -> None:
-        if failing.is_set():
-            raise OSError(5, "Input/output error")
-        real_sync(fd)
-
     async def main() -> None:
         storage = _storage(data_dir, retry_first=0.05, retry_max=0.1)
         await storage.open()
+        (syncer,) = held.made
         try:
-            monkeypatch.setattr(sqlite_backend.os, "fdatasync", flaky_sync)
+            syncer.failure = errno.EIO
             for k in range(5):
                 await storage.write(setpoint_records("north", "p1", 30.0 + k, k))
             health = storage.health()
             assert health.state == "degraded", health
             assert "Input/output error" in (health.last_error or "")
 
-            failing.clear()
+            syncer.failure = 0
             await _wait_for(
                 lambda: storage.health().state == "ok", 10, "the spool delivered"
             )
@@ -217,7 +231,7 @@ def test_a_wal_that_cannot_be_synced_spools_and_delivers_once(
             assert written == [0, 1, 2, 3, 4]
             assert (await storage.audit_verify()).ok
         finally:
-            failing.clear()
+            syncer.failure = 0
             await storage.close()
 
     run(main())
