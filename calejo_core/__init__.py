@@ -1,8 +1,10 @@
 """calejo_core: the compiled safety gate, register codecs and Modbus frames.
 
-The core does no I/O, reads no clock and starts no event loop: every time
-is passed in as ``now`` (seconds, any monotonic origin), and every buffer
-is a NumPy array the caller owns or reads.
+The gate, the codecs and the frames do no I/O, read no clock and start no
+event loop: every time is passed in as ``now`` (seconds, any monotonic
+origin), and every buffer is a NumPy array the caller owns or reads. The
+one exception, :mod:`calejo_core.filesync`, syncs a file to disk on a
+thread that never takes the GIL, for the storage's durable commits.
 """
 
 from calejo_core.codecs import (

@@ -490,7 +490,7 @@ class SQLiteStorage(DurableStorage):
                 raise StorageError(
                     f"{self.where()}: expected journal mode wal, got {mode!r}"
                 )
-            con.execute("PRAGMA synchronous = " + os.environ.get("XSYNC", "FULL"))
+            con.execute("PRAGMA synchronous = FULL")
             # Statement journals and sorts in memory: a multi-row insert
             # would otherwise create and delete a file in /var/tmp.
             con.execute("PRAGMA temp_store = MEMORY")

@@ -106,7 +106,9 @@ def test_https_health_check_rotation_and_restart(
     _wait_for(lambda: ca.exists(), "the local CA")
     trust = client_context(ca)
     _wait_for(lambda: _status(f"{api}/health", trust) == "ok", "https, all started")
-    assert f"listening on {api}" in adapter.output
+    # The REST API answers as soon as it listens; the line that says so may
+    # reach the log a moment later.
+    _wait_for(lambda: f"listening on {api}" in adapter.output, "the https address")
 
     # From the configuration: https, checked against the local CA.
     checked = calejo(["health-check", "--config", str(config)], env)
