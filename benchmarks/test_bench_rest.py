@@ -8,7 +8,10 @@ connection. The adapter's write is authenticated (bearer token), durable
 only parses the same JSON and answers.
 
 Figures land in pytest-benchmark's ``extra_info``: ``writes_per_s``,
-``p50_ms``, ``p99_ms`` (and the ratio to the bare endpoint). Run::
+``p50_ms``, ``p99_ms`` (and the ratio to the bare endpoint), and for the
+adapter the CPU time of the service process (``server_cpu_us_per_write``)
+and of its OPC UA worker (``worker_cpu_us_per_write``) per write in the
+round whose rate is reported. Run::
 
     .venv/bin/pytest benchmarks/test_bench_rest.py --benchmark-only \
         -p no:randomly --benchmark-columns=min,median,mean,ops,rounds
@@ -31,6 +34,8 @@ import pytest
 
 from benchmarks.support import (
     adapter_env,
+    children,
+    cpu_seconds,
     free_port,
     percentile,
     stop_process,
@@ -254,8 +259,10 @@ def _bench_config() -> str:
 
 
 @pytest.fixture(scope="module")
-def adapter(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[int, str]]:
-    """A real ``calejo serve`` (SQLite, one worker); its port and a token."""
+def adapter(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[tuple[int, str, int]]:
+    """A real ``calejo serve`` (SQLite, one worker): port, token and pid."""
     folder = tmp_path_factory.mktemp("bench-rest")
     config = folder / "calejo.yaml"
     config.write_text(_bench_config(), encoding="utf-8")
@@ -282,7 +289,7 @@ def adapter(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[int, str
             timeout=10.0,
         )
         assert answer.status_code == 200, answer.text
-        yield port, answer.json()["access_token"]
+        yield port, answer.json()["access_token"], process.pid
     finally:
         stop_process(process)
 
@@ -303,13 +310,26 @@ def bare() -> Iterator[int]:
         stop_process(process)
 
 
+def _cpu(pids: list[int]) -> list[float]:
+    return [cpu_seconds(pid) for pid in pids]
+
+
 def _measure(
-    benchmark: Any, name: str, port: int, requests: list[list[bytes]]
+    benchmark: Any,
+    name: str,
+    port: int,
+    requests: list[list[bytes]],
+    server_pid: int | None = None,
 ) -> dict[str, float]:
+    """The best of ``ROUNDS`` rounds; with ``server_pid``, the CPU time of
+    that process and of its children (the OPC UA worker) per write."""
     figures: dict[str, float] = {}
+    pids = [server_pid, *children(server_pid)] if server_pid is not None else []
 
     def one_round() -> None:
+        before = _cpu(pids)
         elapsed, latencies, statuses = _run_load(port, requests)
+        spent = [after - start for after, start in zip(_cpu(pids), before, strict=True)]
         assert set(statuses) == {200}, statuses
         rate = len(latencies) / elapsed
         if rate > figures.get("writes_per_s", 0.0):
@@ -318,6 +338,12 @@ def _measure(
                 p50_ms=round(percentile(latencies, 0.50) * 1000, 3),
                 p99_ms=round(percentile(latencies, 0.99) * 1000, 3),
             )
+            if spent:
+                per_write = 1e6 / len(latencies)
+                figures["server_cpu_us_per_write"] = round(spent[0] * per_write, 1)
+                figures["worker_cpu_us_per_write"] = round(
+                    sum(spent[1:]) * per_write, 1
+                )
 
     _run_load(port, [r[:50] for r in requests])  # warm up
     benchmark.pedantic(one_round, rounds=ROUNDS, iterations=1)
@@ -334,9 +360,11 @@ def test_bare_starlette_setpoint(benchmark: Any, bare: int) -> None:
 
 
 @pytest.mark.benchmark(group="rest-setpoint-16-connections")
-def test_adapter_setpoint(benchmark: Any, adapter: tuple[int, str], bare: int) -> None:
-    port, token = adapter
-    figures = _measure(benchmark, "adapter", port, _setpoint_requests(token))
+def test_adapter_setpoint(
+    benchmark: Any, adapter: tuple[int, str, int], bare: int
+) -> None:
+    port, token, pid = adapter
+    figures = _measure(benchmark, "adapter", port, _setpoint_requests(token), pid)
 
     baseline = _results.get("bare")
     if baseline:
@@ -346,8 +374,8 @@ def test_adapter_setpoint(benchmark: Any, adapter: tuple[int, str], bare: int) -
 
 
 @pytest.mark.benchmark(group="rest-batch-1000-pumps")
-def test_adapter_batch_setpoints(benchmark: Any, adapter: tuple[int, str]) -> None:
-    port, token = adapter
+def test_adapter_batch_setpoints(benchmark: Any, adapter: tuple[int, str, int]) -> None:
+    port, token, _ = adapter
     items = [
         {"station_id": _station(s), "pump_id": _pump(p), "value": 30.0 + (p % 20)}
         for s in range(STATIONS)
