@@ -73,7 +73,10 @@ cdef class FileSyncer:
 
     ``request()`` starts a sync; when it is done, the eventfd ``done_fd``
     turns readable and ``outcome()`` gives 0 or the errno of the failure.
-    ``stop()`` ends the thread and closes both eventfds.
+    ``stop()`` ends the thread and closes both eventfds. Should the thread
+    end by itself (an eventfd failed), ``alive()`` turns false,
+    ``exit_errno`` says why, and ``done_fd`` turns readable with that
+    errno as the outcome, for a sync that may be waiting.
     """
 
     cdef readonly bytes path
@@ -106,6 +109,13 @@ cdef class FileSyncer:
         with nogil:
             result = _sync_until_stopped(requests, done, path)
         self.exit_errno = int(result)
+        if result:
+            # Ended by a failure, not by stop(): a sync asked for may still
+            # wait for its outcome, so it gets this failure as its outcome.
+            try:
+                os.eventfd_write(done, 1 + 2 * result)
+            except OSError:
+                pass
 
     def request(self):
         """Start a sync of the file (the last one must have been read)."""

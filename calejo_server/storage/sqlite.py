@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import errno
 import functools
 import itertools
 import json
@@ -661,10 +662,13 @@ class SQLiteStorage(DurableStorage):
         a commit whose caller went away is waited for first. Without the
         syncer (its thread ended), a thread of the pool syncs instead.
         """
+        syncer = self._wal_syncer
+        if syncer is not None and not syncer.alive():
+            self._syncer_ended(syncer)
+            syncer = None
         while self._wal_sync is not None:
             await asyncio.shield(self._wal_sync)
-        syncer = self._wal_syncer
-        if syncer is None or not syncer.alive():
+        if syncer is None:
             await self._in_syncer(self._sync_wal)
             return
 
@@ -675,6 +679,22 @@ class SQLiteStorage(DurableStorage):
             raise Unavailable(
                 f"syncing {self._wal_path} failed: {os.strerror(failure)}"
             )
+
+    def _syncer_ended(self, syncer: FileSyncer) -> None:
+        """The syncer's thread ended on its own: say so, and sync on a pool
+        thread from now on. A sync it left unanswered counts as failed (its
+        commits go to the spool and reach the database once)."""
+        failure = syncer.exit_errno
+        logger.warning(
+            "%s: the WAL sync thread ended (%s); the WAL is synced on a pool "
+            "thread from now on",
+            self.where(),
+            os.strerror(failure) if failure else "no error",
+        )
+        self._stop_wal_syncer()
+        waiter, self._wal_sync = self._wal_sync, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(failure or errno.EIO)
 
     def _sync_wal(self) -> None:
         """Put every commit so far on disk, on the calling thread.

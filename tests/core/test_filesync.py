@@ -68,3 +68,31 @@ def test_stop_ends_the_thread_and_closes_the_eventfds(tmp_path: Path) -> None:
 def test_a_path_with_nul_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="without NUL"):
         FileSyncer(str(tmp_path / "a\0b"))
+
+
+def test_a_thread_that_ends_by_itself_answers_with_its_errno(tmp_path: Path) -> None:
+    path = tmp_path / "log"
+    path.write_bytes(b"x")
+    syncer = FileSyncer(path)
+    wake = os.dup(syncer.request_fd)
+    folder = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        # The thread's next read finds a folder in the eventfd's place and
+        # fails, as a broken eventfd would. Were it already waiting on the
+        # eventfd, it first syncs for the request sent there.
+        os.dup2(folder, syncer.request_fd)
+        os.eventfd_write(wake, 1)
+        outcomes = [_outcome(syncer)]
+        if outcomes[0] == 0:
+            outcomes.append(_outcome(syncer))
+        assert outcomes[-1] == errno.EISDIR
+        for _ in range(500):
+            if not syncer.alive():
+                break
+            select.select([], [], [], 0.01)
+        assert not syncer.alive()
+        assert syncer.exit_errno == errno.EISDIR
+    finally:
+        os.close(wake)
+        os.close(folder)
+        assert syncer.stop()

@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import logging
 import os
 import sqlite3
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -56,6 +58,8 @@ class HeldSyncer:
         self.asked = 0
         self.hold = False
         self.failure = 0
+        self.ended = False
+        self.exit_errno: int | None = None
         HeldSyncer.made.append(self)
 
     def request(self) -> None:
@@ -78,8 +82,14 @@ class HeldSyncer:
         except BlockingIOError:
             return None
 
+    def end(self, failure: int) -> None:
+        """The thread ends by itself, answering a waiting sync as the core's
+        does: with the errno it ended on."""
+        self.ended, self.exit_errno = True, failure
+        os.eventfd_write(self.done_fd, 1 + 2 * failure)
+
     def alive(self) -> bool:
-        return True
+        return not self.ended
 
     def stop(self, timeout: float = 5.0) -> bool:
         os.close(self.request_fd)
@@ -232,6 +242,62 @@ def test_a_wal_that_cannot_be_synced_spools_and_delivers_once(
             assert (await storage.audit_verify()).ok
         finally:
             syncer.failure = 0
+            await storage.close()
+
+    run(main())
+
+
+def test_without_its_sync_thread_the_wal_is_synced_on_a_pool_thread(
+    data_dir: Path,
+    setpoint_records: Records,
+    held: type[HeldSyncer],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    synced_on: list[str] = []
+    real_sync = SQLiteStorage._sync_wal
+
+    def noted(self: SQLiteStorage) -> None:
+        synced_on.append(threading.current_thread().name)
+        real_sync(self)
+
+    monkeypatch.setattr(SQLiteStorage, "_sync_wal", noted)
+
+    async def main() -> None:
+        storage = _storage(data_dir)
+        await storage.open()
+        try:
+            (syncer,) = held.made
+            await storage.write(setpoint_records("north", "p1", 30.0, 0))
+            assert (syncer.asked, synced_on) == (1, [])
+
+            # Its thread ends while a sync is asked for and unanswered.
+            syncer.hold = True
+            first = asyncio.create_task(
+                storage.write(setpoint_records("north", "p1", 31.0, 1))
+            )
+            await _wait_for(lambda: syncer.asked == 2, 5, "the second sync")
+            with caplog.at_level(logging.WARNING, "calejo_server.storage.sqlite"):
+                syncer.end(errno.EBADF)
+                await asyncio.wait_for(first, 5)  # spooled, not lost
+                for k in range(2, 6):
+                    await storage.write(setpoint_records("north", "p1", 30.0, k))
+                await _wait_for(
+                    lambda: storage.health().state == "ok", 10, "the spool delivered"
+                )
+
+            assert "the WAL sync thread ended (Bad file descriptor)" in caplog.text
+            assert syncer.asked == 2
+            assert synced_on and all(
+                name.startswith("calejo-sqlite-sync") for name in synced_on
+            )
+            assert storage._wal_syncer is None
+            rows = await storage.audit_query(AuditQuery(limit=100))
+            assert sorted(
+                row.record.details["k"] for row in rows if "k" in row.record.details
+            ) == [0, 1, 2, 3, 4, 5]
+            assert (await storage.audit_verify()).ok
+        finally:
             await storage.close()
 
     run(main())
