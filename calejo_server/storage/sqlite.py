@@ -662,12 +662,10 @@ class SQLiteStorage(DurableStorage):
         a commit whose caller went away is waited for first. Without the
         syncer (its thread ended), a thread of the pool syncs instead.
         """
-        syncer = self._wal_syncer
-        if syncer is not None and not syncer.alive():
-            self._syncer_ended(syncer)
-            syncer = None
+        syncer = self._live_syncer()
         while self._wal_sync is not None:
             await asyncio.shield(self._wal_sync)
+            syncer = self._live_syncer()
         if syncer is None:
             await self._in_syncer(self._sync_wal)
             return
@@ -679,6 +677,21 @@ class SQLiteStorage(DurableStorage):
             raise Unavailable(
                 f"syncing {self._wal_path} failed: {os.strerror(failure)}"
             )
+
+    def _live_syncer(self) -> FileSyncer | None:
+        """The file syncer, or None once its thread has ended.
+
+        The thread notes why it ended before it answers the sync it leaves,
+        and only then stops being alive: either sign means it takes no
+        more requests.
+        """
+        syncer = self._wal_syncer
+        if syncer is None:
+            return None
+        if syncer.exit_errno is not None or not syncer.alive():
+            self._syncer_ended(syncer)
+            return None
+        return syncer
 
     def _syncer_ended(self, syncer: FileSyncer) -> None:
         """The syncer's thread ended on its own: say so, and sync on a pool

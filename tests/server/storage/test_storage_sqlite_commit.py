@@ -12,6 +12,7 @@ which they reach the database once.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import logging
 import os
@@ -297,6 +298,36 @@ def test_without_its_sync_thread_the_wal_is_synced_on_a_pool_thread(
                 row.record.details["k"] for row in rows if "k" in row.record.details
             ) == [0, 1, 2, 3, 4, 5]
             assert (await storage.audit_verify()).ok
+        finally:
+            await storage.close()
+
+    run(main())
+
+
+def test_a_sync_thread_that_ends_during_a_wait_gets_no_more_requests(
+    data_dir: Path, held: type[HeldSyncer]
+) -> None:
+    async def main() -> None:
+        storage = _storage(data_dir)
+        await storage.open()
+        try:
+            (syncer,) = held.made
+            syncer.hold = True
+            # A sync whose caller went away stays outstanding; the next
+            # caller waits for it first.
+            gone = asyncio.create_task(storage._sync())
+            await _wait_for(lambda: syncer.asked == 1, 5, "the first sync")
+            gone.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await gone
+            waiting = asyncio.create_task(storage._sync())
+            await asyncio.sleep(0.05)
+            assert not waiting.done()
+
+            syncer.end(errno.EBADF)
+            await asyncio.wait_for(waiting, 5)  # synced on a pool thread
+            assert syncer.asked == 1
+            assert storage._wal_syncer is None
         finally:
             await storage.close()
 
