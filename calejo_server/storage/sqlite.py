@@ -683,20 +683,17 @@ class SQLiteStorage(DurableStorage):
 
         The thread notes why it ended before it answers the sync it leaves,
         and only then stops being alive: either sign means it takes no
-        more requests.
+        more requests. The first caller to see it says so; from then on the
+        WAL is synced on a pool thread, and a sync the thread left
+        unanswered counts as failed (its commits go to the spool and reach
+        the database once).
         """
         syncer = self._wal_syncer
         if syncer is None:
             return None
-        if syncer.exit_errno is not None or not syncer.alive():
-            self._syncer_ended(syncer)
-            return None
-        return syncer
+        if syncer.exit_errno is None and syncer.alive():
+            return syncer
 
-    def _syncer_ended(self, syncer: FileSyncer) -> None:
-        """The syncer's thread ended on its own: say so, and sync on a pool
-        thread from now on. A sync it left unanswered counts as failed (its
-        commits go to the spool and reach the database once)."""
         failure = syncer.exit_errno
         logger.warning(
             "%s: the WAL sync thread ended (%s); the WAL is synced on a pool "
@@ -708,6 +705,7 @@ class SQLiteStorage(DurableStorage):
         waiter, self._wal_sync = self._wal_sync, None
         if waiter is not None and not waiter.done():
             waiter.set_result(failure or errno.EIO)
+        return None
 
     def _sync_wal(self) -> None:
         """Put every commit so far on disk, on the calling thread.

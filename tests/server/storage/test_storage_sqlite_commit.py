@@ -45,6 +45,25 @@ async def _wait_for(condition: Callable[[], bool], timeout: float, what: str) ->
         await asyncio.sleep(0.01)
 
 
+def _noting(
+    monkeypatch: pytest.MonkeyPatch, method: str, note: Callable[[], None]
+) -> None:
+    """``SQLiteStorage.<method>`` calls ``note()`` first, then does its work."""
+    real = getattr(SQLiteStorage, method)
+
+    def noted(self: SQLiteStorage) -> None:
+        note()
+        real(self)
+
+    monkeypatch.setattr(SQLiteStorage, method, noted)
+
+
+async def _stored_ks(storage: SQLiteStorage) -> list[Any]:
+    """The ``k`` of each stored audit row that has one, in the log's order."""
+    rows = await storage.audit_query(AuditQuery(limit=100))
+    return [row.record.details["k"] for row in rows if "k" in row.record.details]
+
+
 class HeldSyncer:
     """Stands in for the core's FileSyncer: the same eventfds, but each sync
     is done (really, with fdatasync) only when the test says so, or fails
@@ -190,13 +209,7 @@ def test_the_wal_is_checkpointed_and_stays_small(
 ) -> None:
     monkeypatch.setattr(sqlite_backend, "CHECKPOINT_COMMITS", 10)
     checkpoints: list[float] = []
-    real_checkpoint = SQLiteStorage._checkpoint
-
-    def counted(self: SQLiteStorage) -> None:
-        checkpoints.append(time.monotonic())
-        real_checkpoint(self)
-
-    monkeypatch.setattr(SQLiteStorage, "_checkpoint", counted)
+    _noting(monkeypatch, "_checkpoint", lambda: checkpoints.append(time.monotonic()))
 
     async def main() -> None:
         storage = _storage(data_dir)
@@ -235,11 +248,7 @@ def test_a_wal_that_cannot_be_synced_spools_and_delivers_once(
             await _wait_for(
                 lambda: storage.health().state == "ok", 10, "the spool delivered"
             )
-            rows = await storage.audit_query(AuditQuery(limit=100))
-            written = [
-                row.record.details["k"] for row in rows if "k" in row.record.details
-            ]
-            assert written == [0, 1, 2, 3, 4]
+            assert await _stored_ks(storage) == [0, 1, 2, 3, 4]
             assert (await storage.audit_verify()).ok
         finally:
             syncer.failure = 0
@@ -256,13 +265,11 @@ def test_without_its_sync_thread_the_wal_is_synced_on_a_pool_thread(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     synced_on: list[str] = []
-    real_sync = SQLiteStorage._sync_wal
-
-    def noted(self: SQLiteStorage) -> None:
-        synced_on.append(threading.current_thread().name)
-        real_sync(self)
-
-    monkeypatch.setattr(SQLiteStorage, "_sync_wal", noted)
+    _noting(
+        monkeypatch,
+        "_sync_wal",
+        lambda: synced_on.append(threading.current_thread().name),
+    )
 
     async def main() -> None:
         storage = _storage(data_dir)
@@ -293,10 +300,7 @@ def test_without_its_sync_thread_the_wal_is_synced_on_a_pool_thread(
                 name.startswith("calejo-sqlite-sync") for name in synced_on
             )
             assert storage._wal_syncer is None
-            rows = await storage.audit_query(AuditQuery(limit=100))
-            assert sorted(
-                row.record.details["k"] for row in rows if "k" in row.record.details
-            ) == [0, 1, 2, 3, 4, 5]
+            assert sorted(await _stored_ks(storage)) == [0, 1, 2, 3, 4, 5]
             assert (await storage.audit_verify()).ok
         finally:
             await storage.close()
