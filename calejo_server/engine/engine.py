@@ -113,6 +113,8 @@ CHECKPOINT: Final = "checkpoint"
 """The source of a setpoint record written for a pump never given one."""
 MAX_PENDING: Final = 1_000_000
 """Records the background writer holds while storage refuses them."""
+FRESHNESS_STORE_INTERVAL: Final = 1.0
+"""Seconds a station's stored last-fresh time may lag a stream of setpoints."""
 
 _STATUS_ESTOP = gate.STATUS_EMERGENCY_STOP
 _STATUS_FAILSAFE = gate.STATUS_FAILSAFE
@@ -154,6 +156,9 @@ class _Station:
     status_bits: int = -1
     views: _StationViews | None = None
     """The station's slices of the gate's arrays, when those are views."""
+    stored_fresh_at: dt.datetime | None = None
+    stored_failsafe: bool | None = None
+    """What the station's last state record holds (None before the first)."""
 
     @property
     def station_id(self) -> str:
@@ -583,7 +588,8 @@ class Engine:
         for station in touched.values():
             self._refresh_station(station, now)
         for station in fresh.values():
-            records.append(self._station_state(station))
+            if self._state_due(station):
+                records.append(self._station_state(station))
         await self._write(records)
         self._emit_all(changes)
         return results
@@ -682,7 +688,7 @@ class Engine:
         records.append(record)
         if plan is None:
             self._refresh_watchdog(station, now, wall, ctx, records, changes)
-            if state:
+            if state and self._state_due(station):
                 records.append(self._station_state(station))
 
         if self._events.wants(events.SETPOINT):
@@ -1934,7 +1940,30 @@ class Engine:
             feedback=self._feedback.pump_view(pump),
         )
 
+    def _state_due(self, station: _Station) -> bool:
+        """Whether a fresh setpoint should write the station's state.
+
+        The state holds the failsafe flag and the time of the last fresh
+        setpoint or plan, which a restart judges the watchdog by. A change
+        of the flag is written at once; the time is written when the stored
+        one is older than :data:`FRESHNESS_STORE_INTERVAL` (or a hundredth
+        of the watchdog timeout, if less), so a stream of setpoints writes
+        the state about once a second rather than with each. After a
+        restart the station then counts as fresh since at most that long
+        before its last setpoint: the watchdog can only act sooner.
+        """
+        stored = station.stored_fresh_at
+        fresh = station.last_fresh_at
+        if station.stored_failsafe is not station.failsafe or stored is None:
+            return True
+        if fresh is None:
+            return False
+        interval = min(FRESHNESS_STORE_INTERVAL, self._timeout / 100)
+        return (fresh - stored).total_seconds() >= interval
+
     def _station_state(self, station: _Station) -> StationStateRecord:
+        station.stored_fresh_at = station.last_fresh_at
+        station.stored_failsafe = station.failsafe
         return StationStateRecord(
             station_id=station.station_id,
             last_fresh_at=station.last_fresh_at,

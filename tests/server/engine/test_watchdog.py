@@ -9,6 +9,7 @@ import pytest
 from calejo_core import codecs
 from calejo_server import audit
 from calejo_server.engine import Engine, EngineEvent
+from calejo_server.storage.base import StationStateRecord
 
 from .conftest import BOTH_BACKENDS, CTX, START, Harness, MakeEngine
 
@@ -166,3 +167,66 @@ async def test_restart_after_the_timeout_starts_in_failsafe(
     assert engine.station("north").last_fresh_at == START
     assert engine.health().stations[0].age == pytest.approx(31.0)
     assert START + dt.timedelta(seconds=31) == harness.clock.utcnow()
+
+
+def _stored_states(harness: Harness, station_id: str) -> list[StationStateRecord]:
+    assert harness.storage is not None
+    return [
+        record
+        for batch in harness.storage.writes
+        for record in batch
+        if isinstance(record, StationStateRecord) and record.station_id == station_id
+    ]
+
+
+async def test_a_stream_of_setpoints_stores_the_station_state_once_a_second(
+    make_engine: MakeEngine, harness: Harness
+) -> None:
+    engine = await make_engine(watchdog_timeout=600)
+    await engine.set_setpoint("north", "p1", 40, CTX)  # leaves failsafe: stored
+    states = _stored_states(harness, "north")
+    assert [s.failsafe for s in states] == [True, False]
+
+    for _ in range(9):
+        harness.clock.advance(0.1)
+        await engine.set_setpoint("north", "p1", 41, CTX)
+    assert len(_stored_states(harness, "north")) == 2
+
+    harness.clock.advance(0.1)
+    await engine.set_setpoint("north", "p2", 42, CTX)
+    states = _stored_states(harness, "north")
+    assert len(states) == 3
+    assert states[-1].last_fresh_at == START + dt.timedelta(seconds=1)
+    assert not states[-1].failsafe
+
+    # Entering failsafe and leaving it are stored at once.
+    harness.clock.advance(600.0)
+    engine.tick()
+    assert failsafe(engine)["north"]
+    harness.clock.advance(0.1)
+    await engine.set_setpoint("north", "p1", 40, CTX)
+    states = _stored_states(harness, "north")
+    assert [s.failsafe for s in states[-2:]] == [True, False]
+    assert states[-1].last_fresh_at == harness.clock.utcnow()
+
+
+@BOTH_BACKENDS
+async def test_restart_after_a_stream_judges_freshness_within_a_second(
+    make_engine: MakeEngine, harness: Harness
+) -> None:
+    engine = await make_engine(watchdog_timeout=30)
+    for _ in range(15):
+        await engine.set_setpoint("north", "p1", 40, CTX)
+        harness.clock.advance(0.1)
+    last = harness.clock.utcnow() - dt.timedelta(seconds=0.1)
+
+    engine = await harness.restart(engine)
+
+    stored = engine.station("north").last_fresh_at
+    assert stored is not None
+    assert dt.timedelta(0) <= last - stored < dt.timedelta(seconds=1)
+    assert not failsafe(engine)["north"]
+    # The watchdog counts from the stored time: it can only act sooner.
+    harness.clock.advance(30.0 - (harness.clock.utcnow() - stored).total_seconds())
+    engine.tick()
+    assert failsafe(engine)["north"]
