@@ -222,9 +222,11 @@ def _pump(k: int) -> str:
     return f"p{k:02d}"
 
 
-def _setpoint_requests(token: str | None) -> list[list[bytes]]:
+def _setpoint_requests(
+    token: str | None, total: int = REQUESTS_PER_ROUND
+) -> list[list[bytes]]:
     """Each connection writes its own pump of the first station, in turn."""
-    per_connection = REQUESTS_PER_ROUND // CONNECTIONS
+    per_connection = total // CONNECTIONS
     requests = []
     for k in range(CONNECTIONS):
         path = f"/api/v1/pump-stations/{_station(0)}/pumps/{_pump(k)}/setpoint"
