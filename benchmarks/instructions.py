@@ -18,14 +18,17 @@ from __future__ import annotations
 import argparse
 import shutil
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
-import httpx
-
 from benchmarks import test_bench_rest as rest
-from benchmarks.support import REPO, adapter_env, free_port, wait_http
+from benchmarks.support import (
+    adapter_env,
+    admin_token,
+    free_port,
+    start_adapter,
+    wait_http,
+)
 
 START_TIMEOUT = 600.0
 STOP_TIMEOUT = 300.0
@@ -47,34 +50,16 @@ def count(writes: int) -> tuple[int, int]:
             opcua=free_port(),
             admin_password=rest.ADMIN_PASSWORD,
         )
-        command = [
+        wrapper = (
             "valgrind",
             "--tool=callgrind",
             "--instr-atstart=no",
             f"--callgrind-out-file={out}",
-            sys.executable,
-            "-m",
-            "calejo_server",
-            "serve",
-            "--config",
-            str(config),
-        ]
-        process = subprocess.Popen(
-            command,
-            env=env,
-            cwd=REPO,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
         )
+        process = start_adapter(config, env, wrapper)
         try:
             wait_http(f"http://127.0.0.1:{port}/api/v1/health", process, START_TIMEOUT)
-            login = httpx.post(
-                f"http://127.0.0.1:{port}/api/v1/auth/login",
-                json={"username": "admin", "password": rest.ADMIN_PASSWORD},
-                timeout=START_TIMEOUT,
-            )
-            login.raise_for_status()
-            token = login.json()["access_token"]
+            token = admin_token(port, rest.ADMIN_PASSWORD, START_TIMEOUT)
             requests = rest._setpoint_requests(token, writes)
             rest._run_load(port, [r[:WARM_UP_WRITES] for r in requests])
 

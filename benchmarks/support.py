@@ -6,7 +6,9 @@ import contextlib
 import os
 import socket
 import subprocess
+import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import httpx
@@ -75,6 +77,33 @@ def adapter_env(
         CALEJO_ADMIN_PASSWORD=admin_password,
     )
     return env
+
+
+def start_adapter(
+    config: Path, env: dict[str, str], wrapper: Sequence[str] = ()
+) -> subprocess.Popen[bytes]:
+    """``calejo serve --config config`` in the repository, its output
+    discarded; ``wrapper``: a command to run it under (valgrind, say)."""
+    command = [sys.executable, "-m", "calejo_server", "serve", "--config", str(config)]
+    return subprocess.Popen(
+        [*wrapper, *command],
+        env=env,
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
+def admin_token(http: int, password: str, timeout: float) -> str:
+    """Log in as ``admin`` on the adapter at port ``http``: the bearer token."""
+    answer = httpx.post(
+        f"http://127.0.0.1:{http}/api/v1/auth/login",
+        json={"username": "admin", "password": password},
+        timeout=timeout,
+    )
+    assert answer.status_code == 200, answer.text
+    token: str = answer.json()["access_token"]
+    return token
 
 
 def wait_http(

@@ -47,7 +47,6 @@ import datetime as dt
 import math
 import struct
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -61,7 +60,13 @@ from pytest_benchmark.fixture import BenchmarkFixture
 
 import calejo_core.reference.codecs as reference_codecs
 import calejo_core.reference.gate as reference_gate
-from benchmarks.support import adapter_env, children, free_port, wait_http
+from benchmarks.support import (
+    adapter_env,
+    children,
+    free_port,
+    start_adapter,
+    wait_http,
+)
 from calejo_server.config import load_config
 from calejo_server.engine import Engine, ManualClock, RequestContext, SetpointItem
 from calejo_server.storage import open_storage
@@ -75,7 +80,6 @@ CTX = RequestContext(user="bench", source_address=None, protocol="CLI")
 RATES = {"steady": math.inf, "ramping": 0.001}
 
 
-REPO = Path(__file__).resolve().parents[1]
 ADMIN_PASSWORD = "bench-engine-passphrase-42"
 START_TIMEOUT = 300.0
 SETTLE = 3.0
@@ -340,13 +344,7 @@ def test_adapter_resident_memory(
     started: list[subprocess.Popen[bytes]] = []
 
     def start() -> None:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "calejo_server", "serve", "--config", str(config)],
-            env=env,
-            cwd=REPO,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
+        process = start_adapter(config, env)
         started.append(process)
         wait_http(f"{base}/health", process)
 

@@ -60,7 +60,6 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, TypeVar
 
-import httpx
 import pytest
 import uvloop
 import yaml
@@ -68,9 +67,11 @@ from asyncua import Client, Server, ua
 
 from benchmarks.support import (
     adapter_env,
+    admin_token,
     children,
     cpu_seconds,
     free_port,
+    start_adapter,
     wait_http,
 )
 from calejo_server import certs
@@ -502,26 +503,15 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]
         opcua=opcua,
         admin_password=ADMIN_PASSWORD,
     )
-    process = subprocess.Popen(
-        [sys.executable, "-m", "calejo_server", "serve", "--config", str(config)],
-        env=env,
-        cwd=REPO,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    process = start_adapter(config, env)
     try:
         wait_http(f"http://127.0.0.1:{http}/api/v1/health", process, START_TIMEOUT)
-        login = httpx.post(
-            f"http://127.0.0.1:{http}/api/v1/auth/login",
-            json={"username": "admin", "password": ADMIN_PASSWORD},
-            timeout=30.0,
-        )
-        assert login.status_code == 200, login.text
+        token = admin_token(http, ADMIN_PASSWORD, 30.0)
         yield {
             "pid": process.pid,
             "http": http,
             "url": f"opc.tcp://127.0.0.1:{opcua}",
-            "token": login.json()["access_token"],
+            "token": token,
             "cert": str(cert),
             "key": str(key),
         }

@@ -28,16 +28,17 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import orjson
 import pytest
 
 from benchmarks.support import (
     adapter_env,
+    admin_token,
     children,
     cpu_seconds,
     free_port,
     percentile,
+    start_adapter,
     stop_process,
     wait_http,
 )
@@ -276,22 +277,10 @@ def adapter(
         opcua=free_port(),
         admin_password=ADMIN_PASSWORD,
     )
-    process = subprocess.Popen(
-        [sys.executable, "-m", "calejo_server", "serve", "--config", str(config)],
-        env=env,
-        cwd=REPO,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    process = start_adapter(config, env)
     try:
         wait_http(f"http://127.0.0.1:{port}/api/v1/health", process)
-        answer = httpx.post(
-            f"http://127.0.0.1:{port}/api/v1/auth/login",
-            json={"username": "admin", "password": ADMIN_PASSWORD},
-            timeout=10.0,
-        )
-        assert answer.status_code == 200, answer.text
-        yield port, answer.json()["access_token"], process.pid
+        yield port, admin_token(port, ADMIN_PASSWORD, 10.0), process.pid
     finally:
         stop_process(process)
 
