@@ -7,13 +7,15 @@ permission, media type, JSON, schema) and the endpoint's entry in the
 OpenAPI document. A request is checked in this order, so that nothing is
 revealed to a caller who may not call the endpoint: token (401, 429),
 password change pending and permission (403), query (422), media type
-(415), JSON (400), body schema (422).
+(415), JSON (422), body schema (422).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import json
+import math
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any
@@ -392,14 +394,71 @@ async def _json(request: Request, content_type: str | None) -> Any:
 
     body = await _body(request.receive)
     if not body.strip():
-        raise ApiError(400, "invalid_json", "the body is empty: expected a JSON object")
+        raise ApiError(422, "invalid_json", "the body is empty: expected a JSON object")
 
     try:
         return orjson.loads(body)
     except orjson.JSONDecodeError as exc:
+        field = _non_finite_field(body)
+        if field is not None:
+            path, text = field
+            raise ApiError(
+                422,
+                "validation_error",
+                str(ValidationError(path, f"expected a finite number, got {text}")),
+            ) from None
         raise ApiError(
-            400, "invalid_json", f"the body is not valid JSON: {exc}"
+            422, "invalid_json", f"the body is not valid JSON: {exc}"
         ) from None
+
+
+class _NonFinite:
+    """A number JSON cannot carry (NaN, Infinity, 1e400), as it was written."""
+
+    __slots__ = ("text",)
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+
+def _number_or_marker(text: str) -> float | _NonFinite:
+    number = float(text)
+    return number if math.isfinite(number) else _NonFinite(text[:40])
+
+
+def _non_finite_field(body: bytes) -> tuple[str, str] | None:
+    """Where a body that orjson refused holds NaN, Infinity or an overflow.
+
+    The body is read a second time, leniently, only to name the field;
+    what the lenient reading makes of it is never used. None when the
+    body is broken in some other way.
+    """
+    try:
+        document = json.loads(
+            body,
+            parse_constant=_NonFinite,
+            parse_float=_number_or_marker,
+            parse_int=_number_or_marker,
+        )
+    except (ValueError, RecursionError):
+        return None
+
+    pending: list[tuple[str, Any]] = [("", document)]
+    while pending:
+        path, value = pending.pop()
+        if isinstance(value, _NonFinite):
+            return path, value.text
+        if isinstance(value, dict):
+            children = [
+                (f"{path}.{key[:64]}" if path else key[:64], child)
+                for key, child in value.items()
+            ]
+        elif isinstance(value, list):
+            children = [(f"{path}[{i}]", child) for i, child in enumerate(value)]
+        else:
+            continue
+        pending.extend(reversed(children))
+    return None
 
 
 async def _body(receive: Receive) -> bytes:

@@ -69,21 +69,48 @@ def test_values_that_are_not_numbers_are_422_naming_the_field(api: ApiServer) ->
         assert assert_error(response, 422, "validation_error") == detail
 
 
-def test_malformed_json_nan_and_overflow_are_400(api: ApiServer) -> None:
+def test_malformed_json_is_422_saying_where(api: ApiServer) -> None:
     headers = {**api.admin(), **JSON}
-    for raw in (
-        b'{"value": 4',
-        b'{"value": NaN}',
-        b'{"value": Infinity}',
-        b"{'value': 1}",
-    ):
+    cases = (
+        (b'{"value": 4', "line 1 column 12"),
+        (b"{'value': 1}", "line 1 column 2"),
+        (b'{"value": 1,}', "trailing comma is not allowed: line 1 column 12"),
+        (b'"\\ud800"', "surrogate"),
+        (b"[" * 5000 + b"]" * 5000, "line 1"),
+    )
+    for raw, where in cases:
         response = api.client.put(SETPOINT, content=raw, headers=headers)
-        assert "not valid JSON" in assert_error(response, 400, "invalid_json")
+        detail = assert_error(response, 422, "invalid_json")
+        assert detail.startswith("the body is not valid JSON: ")
+        assert where in detail
 
-    response = api.client.put(SETPOINT, content=b'{"value": 1e400}', headers=headers)
-    assert "infinity" in assert_error(response, 400, "invalid_json")
     response = api.client.put(SETPOINT, content=b"  ", headers=headers)
-    assert "empty" in assert_error(response, 400, "invalid_json")
+    assert "empty" in assert_error(response, 422, "invalid_json")
+
+
+def test_nan_infinity_and_overflow_name_their_field(api: ApiServer) -> None:
+    headers = {**api.admin(), **JSON}
+    cases = (
+        (b'{"value": NaN}', "field 'value': expected a finite number, got NaN"),
+        (
+            b'{"value": -Infinity}',
+            "field 'value': expected a finite number, got -Infinity",
+        ),
+        (b'{"value": 1e400}', "field 'value': expected a finite number, got 1e400"),
+        (b"NaN", "body: expected a finite number, got NaN"),
+    )
+    for raw, detail in cases:
+        response = api.client.put(SETPOINT, content=raw, headers=headers)
+        assert assert_error(response, 422, "validation_error") == detail
+
+    batch = (
+        b'{"setpoints": [{"station_id": "north", "pump_id": "p1", "value": 30},'
+        b' {"station_id": "north", "pump_id": "p2", "value": Infinity}]}'
+    )
+    response = api.client.post(f"{API}/setpoints", content=batch, headers=headers)
+    assert assert_error(response, 422, "validation_error") == (
+        "field 'setpoints[1].value': expected a finite number, got Infinity"
+    )
 
 
 def test_bodies_must_be_json(api: ApiServer) -> None:
@@ -330,5 +357,19 @@ def test_nothing_changes_when_the_answer_is_4xx(api: ApiServer) -> None:
     for method, path, body, headers, status in requests:
         response = api.client.request(method, path, json=body, headers=headers)
         assert response.status_code == status, (method, path, response.text)
+
+    broken = (b'{"value": 4', b'{"value": NaN}', b'{"value": 1e400}', b"")
+    for raw in broken:
+        response = api.client.put(SETPOINT, content=raw, headers={**admin, **JSON})
+        assert response.status_code == 422, (raw, response.text)
+    plan = (
+        b'{"plan_id": "p", "version": 1, "pumps": [{"station_id": "north",'
+        b' "pump_id": "p1", "intervals": [{"start": "2090-01-01T00:00:00Z",'
+        b' "end": "2090-01-01T01:00:00Z", "setpoint": NaN}]}]}'
+    )
+    response = api.client.post(f"{API}/plans", content=plan, headers={**admin, **JSON})
+    assert assert_error(response, 422, "validation_error") == (
+        "field 'pumps[0].intervals[0].setpoint': expected a finite number, got NaN"
+    )
 
     assert _state(api) == before
