@@ -17,7 +17,7 @@ import datetime as dt
 import json
 import math
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -399,7 +399,7 @@ async def _json(request: Request, content_type: str | None) -> Any:
     try:
         return orjson.loads(body)
     except orjson.JSONDecodeError as exc:
-        field = _non_finite_field(body)
+        field = _non_finite_field(body, str(exc))
         if field is not None:
             path, text = field
             raise ApiError(
@@ -421,44 +421,64 @@ class _NonFinite:
         self.text = text
 
 
-def _number_or_marker(text: str) -> float | _NonFinite:
+def _float_or_marker(text: str) -> float | _NonFinite:
     number = float(text)
     return number if math.isfinite(number) else _NonFinite(text[:40])
 
 
-def _non_finite_field(body: bytes) -> tuple[str, str] | None:
+def _non_finite_field(body: bytes, reason: str) -> tuple[str, str] | None:
     """Where a body that orjson refused holds NaN, Infinity or an overflow.
 
-    The body is read a second time, leniently, only to name the field;
-    what the lenient reading makes of it is never used. None when the
-    body is broken in some other way.
+    ``reason`` is orjson's message. Only a body that may hold such a
+    number is read a second time, leniently, to name the field; what the
+    lenient reading makes of it is never used. None when the body is
+    broken in some other way.
     """
+    if not (b"NaN" in body or b"Infinity" in body or "infinity" in reason):
+        return None
     try:
         document = json.loads(
-            body,
-            parse_constant=_NonFinite,
-            parse_float=_number_or_marker,
-            parse_int=_number_or_marker,
+            body, parse_constant=_NonFinite, parse_float=_float_or_marker
         )
     except (ValueError, RecursionError):
         return None
 
-    pending: list[tuple[str, Any]] = [("", document)]
-    while pending:
-        path, value = pending.pop()
-        if isinstance(value, _NonFinite):
-            return path, value.text
-        if isinstance(value, dict):
-            children = [
-                (f"{path}.{key[:64]}" if path else key[:64], child)
-                for key, child in value.items()
-            ]
-        elif isinstance(value, list):
-            children = [(f"{path}[{i}]", child) for i, child in enumerate(value)]
+    # Depth first, in document order, with no recursion: the document may
+    # be nested nearly as deep as the interpreter allows.
+    keys: list[str | int | None] = []
+    stack: list[Iterator[tuple[Any, Any]]] = [iter(((None, document),))]
+    while stack:
+        for key, value in stack[-1]:
+            kind = type(value)
+            if kind is _NonFinite:
+                return _field_path([*keys[1:], key]), value.text
+            if kind is int and value.bit_length() > 1024:
+                digits = len(str(value))
+                return _field_path([*keys[1:], key]), f"an integer of {digits} digits"
+            if kind is dict:
+                keys.append(key)
+                stack.append(iter(value.items()))
+                break
+            if kind is list:
+                keys.append(key)
+                stack.append(enumerate(value))
+                break
         else:
-            continue
-        pending.extend(reversed(children))
+            stack.pop()
+            if keys:
+                keys.pop()
     return None
+
+
+def _field_path(keys: list[str | int | None]) -> str:
+    """``pumps[0].intervals[1].setpoint`` from its keys and indexes."""
+    path = ""
+    for key in keys:
+        if isinstance(key, int):
+            path += f"[{key}]"
+        elif key is not None:
+            path += f".{key[:64]}" if path else key[:64]
+    return path
 
 
 async def _body(receive: Receive) -> bytes:

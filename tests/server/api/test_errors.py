@@ -98,6 +98,14 @@ def test_nan_infinity_and_overflow_name_their_field(api: ApiServer) -> None:
         ),
         (b'{"value": 1e400}', "field 'value': expected a finite number, got 1e400"),
         (b"NaN", "body: expected a finite number, got NaN"),
+        (
+            b'{"value": 1' + b"0" * 400 + b"}",
+            "field 'value': expected a finite number, got an integer of 401 digits",
+        ),
+        (
+            b"[" * 900 + b"NaN" + b"]" * 900,
+            "field '" + "[0]" * 900 + "': expected a finite number, got NaN",
+        ),
     )
     for raw, detail in cases:
         response = api.client.put(SETPOINT, content=raw, headers=headers)
