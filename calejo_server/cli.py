@@ -21,6 +21,7 @@ import datetime as dt
 import getpass
 import logging
 import os
+import select
 import sys
 import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
@@ -550,8 +551,29 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.exit_code
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
+    except BrokenPipeError as exc:
+        if not _stdout_closed():
+            print(f"calejo: {exc}", file=sys.stderr)
+            return EXIT_FAILED
+        # Whoever read the output has gone (``calejo audit export | head``):
+        # stop quietly, as other tools do, and let the interpreter's last
+        # flush of the output go nowhere rather than fail again.
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_FAILED
 
     return code
+
+
+def _stdout_closed() -> bool:
+    """Whether the standard output is a pipe that nobody reads any more."""
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        events = poller.poll(0)
+    except (OSError, ValueError, AttributeError):
+        return False
+    return any(mask & select.POLLERR for _, mask in events)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -104,6 +105,46 @@ def test_bad_since_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
 
     assert exit_info.value.code == 2
     assert "ISO 8601" in capsys.readouterr().err
+
+
+def test_export_into_a_closed_pipe_stops_quietly(
+    tmp_path: Path,
+    make_env: Callable[..., dict[str, str]],
+    calejo: Callable[..., subprocess.CompletedProcess[str]],
+) -> None:
+    env = make_env(tmp_path / "data")
+    added = calejo(
+        ["users", "add", "olga", "--role", "viewer", "--email", "o@example.org"],
+        env,
+    )
+    assert added.returncode == 0, added.stderr
+
+    for fmt in ("csv", "json"):
+        # As `calejo audit export | head -0`: the reader is gone before the
+        # first row is written.
+        process = subprocess.Popen(
+            [sys.executable, "-m", "calejo_server", "audit", "export", "--format", fmt],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            cwd=tmp_path,
+        )
+        assert process.stdout is not None and process.stderr is not None
+        process.stdout.close()
+        try:
+            error = process.stderr.read().decode()
+            returncode = process.wait(timeout=60)
+        finally:
+            process.kill()
+            process.stderr.close()
+        assert returncode == 1, error
+        assert error == ""
+
+    whole = calejo(["audit", "export", "--format", "json"], env)
+    assert whole.returncode == 0, whole.stderr
+    assert [row["event_type"] for row in json.loads(whole.stdout)][-1] == (
+        "USER_CREATED"
+    )
 
 
 def test_health_check_unreachable_exits_2(
