@@ -43,13 +43,7 @@ def count(writes: int) -> tuple[int, int]:
         config.write_text(rest._bench_config(), encoding="utf-8")
         out = where / "callgrind.out"
         port = free_port()
-        env = adapter_env(
-            where / "data",
-            http=port,
-            modbus=free_port(),
-            opcua=free_port(),
-            admin_password=rest.ADMIN_PASSWORD,
-        )
+        env = adapter_env(where / "data", http=port, admin_password=rest.ADMIN_PASSWORD)
         wrapper = (
             "valgrind",
             "--tool=callgrind",

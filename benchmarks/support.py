@@ -8,7 +8,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import httpx
@@ -58,10 +58,16 @@ def percentile(values: list[float], fraction: float) -> float:
 
 
 def adapter_env(
-    data_dir: Path, *, http: int, modbus: int, opcua: int, admin_password: str
+    data_dir: Path,
+    *,
+    admin_password: str,
+    http: int | None = None,
+    modbus: int | None = None,
+    opcua: int | None = None,
 ) -> dict[str, str]:
     """The environment of a ``calejo serve`` on loopback: this one without
-    any CALEJO_ setting or DATABASE_URL of its own, plus the given ports."""
+    any CALEJO_ setting or DATABASE_URL of its own, plus the given ports
+    (a free one for each port not given)."""
     env = {
         k: v
         for k, v in os.environ.items()
@@ -71,19 +77,23 @@ def adapter_env(
         PYTHONPATH=str(REPO),
         CALEJO_DATA_DIR=str(data_dir),
         CALEJO_BIND="127.0.0.1",
-        CALEJO_HTTP_PORT=str(http),
-        CALEJO_MODBUS_PORT=str(modbus),
-        CALEJO_OPCUA_PORT=str(opcua),
+        CALEJO_HTTP_PORT=str(http or free_port()),
+        CALEJO_MODBUS_PORT=str(modbus or free_port()),
+        CALEJO_OPCUA_PORT=str(opcua or free_port()),
         CALEJO_ADMIN_PASSWORD=admin_password,
     )
     return env
 
 
 def start_adapter(
-    config: Path, env: dict[str, str], wrapper: Sequence[str] = ()
+    config: Path,
+    env: dict[str, str],
+    wrapper: Sequence[str] = (),
+    preexec: Callable[[], None] | None = None,
 ) -> subprocess.Popen[bytes]:
     """``calejo serve --config config`` in the repository, its output
-    discarded; ``wrapper``: a command to run it under (valgrind, say)."""
+    discarded; ``wrapper``: a command to run it under (valgrind, say);
+    ``preexec``: run in the child before it starts (to pin its CPU, say)."""
     command = [sys.executable, "-m", "calejo_server", "serve", "--config", str(config)]
     return subprocess.Popen(
         [*wrapper, *command],
@@ -91,6 +101,7 @@ def start_adapter(
         cwd=REPO,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
+        preexec_fn=preexec,
     )
 
 

@@ -333,13 +333,7 @@ def test_adapter_resident_memory(
     config = tmp_path / "calejo.yaml"
     config.write_text(_adapter_config(n_stations, per_station), encoding="utf-8")
     http = free_port()
-    env = adapter_env(
-        tmp_path / "data",
-        http=http,
-        modbus=free_port(),
-        opcua=free_port(),
-        admin_password=ADMIN_PASSWORD,
-    )
+    env = adapter_env(tmp_path / "data", http=http, admin_password=ADMIN_PASSWORD)
     base = f"http://127.0.0.1:{http}/api/v1"
     started: list[subprocess.Popen[bytes]] = []
 

@@ -56,18 +56,19 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 
 from benchmarks.support import (
+    REPO,
     adapter_env,
+    admin_token,
     cpu_seconds,
     free_port,
     percentile,
+    start_adapter,
     stop_process,
 )
 
-REPO = Path(__file__).resolve().parents[1]
 HERE = Path(__file__).resolve().parent
 CONNECTIONS = 16
 REGISTERS = 10
@@ -262,33 +263,16 @@ def adapter(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]
     config.write_text(CONFIG + pumps, encoding="utf-8")
     http, modbus = free_port(), free_port()
     env = adapter_env(
-        folder / "data",
-        http=http,
-        modbus=modbus,
-        opcua=free_port(),
-        admin_password=ADMIN_PASSWORD,
+        folder / "data", http=http, modbus=modbus, admin_password=ADMIN_PASSWORD
     )
-    process = subprocess.Popen(
-        [sys.executable, "-m", "calejo_server", "serve", "--config", str(config)],
-        env=env,
-        cwd=REPO,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        preexec_fn=_on_server_cpu,
-    )
+    process = start_adapter(config, env, preexec=_on_server_cpu)
     try:
         _wait_port(modbus, process)
-        answer = httpx.post(
-            f"http://127.0.0.1:{http}/api/v1/auth/login",
-            json={"username": "admin", "password": ADMIN_PASSWORD},
-            timeout=10.0,
-        )
-        assert answer.status_code == 200, answer.text
         yield {
             "pid": process.pid,
             "port": modbus,
             "http": http,
-            "token": answer.json()["access_token"],
+            "token": admin_token(http, ADMIN_PASSWORD, 10.0),
         }
     finally:
         stop_process(process)

@@ -496,13 +496,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]
         encoding="utf-8",
     )
     http, opcua = free_port(), free_port()
-    env = adapter_env(
-        data_dir,
-        http=http,
-        modbus=free_port(),
-        opcua=opcua,
-        admin_password=ADMIN_PASSWORD,
-    )
+    env = adapter_env(data_dir, http=http, opcua=opcua, admin_password=ADMIN_PASSWORD)
     process = start_adapter(config, env)
     try:
         wait_http(f"http://127.0.0.1:{http}/api/v1/health", process, START_TIMEOUT)

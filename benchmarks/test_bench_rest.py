@@ -270,13 +270,7 @@ def adapter(
     config = folder / "calejo.yaml"
     config.write_text(_bench_config(), encoding="utf-8")
     port = free_port()
-    env = adapter_env(
-        folder / "data",
-        http=port,
-        modbus=free_port(),
-        opcua=free_port(),
-        admin_password=ADMIN_PASSWORD,
-    )
+    env = adapter_env(folder / "data", http=port, admin_password=ADMIN_PASSWORD)
     process = start_adapter(config, env)
     try:
         wait_http(f"http://127.0.0.1:{port}/api/v1/health", process)

@@ -399,14 +399,9 @@ async def _json(request: Request, content_type: str | None) -> Any:
     try:
         return orjson.loads(body)
     except orjson.JSONDecodeError as exc:
-        field = _non_finite_field(body, str(exc))
-        if field is not None:
-            path, text = field
-            raise ApiError(
-                422,
-                "validation_error",
-                str(ValidationError(path, f"expected a finite number, got {text}")),
-            ) from None
+        error = _non_finite_error(body, str(exc))
+        if error is not None:
+            raise ApiError(422, "validation_error", str(error)) from None
         raise ApiError(
             422, "invalid_json", f"the body is not valid JSON: {exc}"
         ) from None
@@ -426,8 +421,9 @@ def _float_or_marker(text: str) -> float | _NonFinite:
     return number if math.isfinite(number) else _NonFinite(text[:40])
 
 
-def _non_finite_field(body: bytes, reason: str) -> tuple[str, str] | None:
-    """Where a body that orjson refused holds NaN, Infinity or an overflow.
+def _non_finite_error(body: bytes, reason: str) -> ValidationError | None:
+    """The error naming where a body that orjson refused holds NaN,
+    Infinity or a number too large for a double.
 
     ``reason`` is orjson's message. Only a body that may hold such a
     number is read a second time, leniently, to name the field; what the
@@ -450,11 +446,13 @@ def _non_finite_field(body: bytes, reason: str) -> tuple[str, str] | None:
     while stack:
         for key, value in stack[-1]:
             kind = type(value)
+            got = None
             if kind is _NonFinite:
-                return _field_path([*keys[1:], key]), value.text
-            if kind is int and value.bit_length() > 1024:
-                digits = len(str(value))
-                return _field_path([*keys[1:], key]), f"an integer of {digits} digits"
+                got = value.text
+            elif kind is int and value.bit_length() > 1024:
+                got = f"an integer of {len(str(value))} digits"
+            if got is not None:
+                return _finite_expected([*keys[1:], key], got)
             if kind is dict:
                 keys.append(key)
                 stack.append(iter(value.items()))
@@ -470,15 +468,15 @@ def _non_finite_field(body: bytes, reason: str) -> tuple[str, str] | None:
     return None
 
 
-def _field_path(keys: list[str | int | None]) -> str:
-    """``pumps[0].intervals[1].setpoint`` from its keys and indexes."""
-    path = ""
-    for key in keys:
+def _finite_expected(keys: list[str | int | None], got: str) -> ValidationError:
+    """The error for the value found under ``keys`` (object keys, indexes)."""
+    error = ValidationError("", f"expected a finite number, got {got}")
+    for key in reversed(keys):
         if isinstance(key, int):
-            path += f"[{key}]"
+            error = error.within(f"[{key}]")
         elif key is not None:
-            path += f".{key[:64]}" if path else key[:64]
-    return path
+            error = error.within(key[:64])
+    return error
 
 
 async def _body(receive: Receive) -> bytes:
